@@ -1,0 +1,3 @@
+"""grayagent: gray-release rules from a config store, rendered into nginx and Envoy."""
+
+__version__ = "0.1.0"

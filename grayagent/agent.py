@@ -1,0 +1,283 @@
+"""The agent: watch the store, coalesce bursts, render, apply, audit, report status.
+
+Three stages stay apart, as in consul-template: the store's watch only wakes the loop; the loop reads the
+current version, renders it purely, and hands the files to the target's applier.
+
+Guarantees:
+- a document that fails validation is refused and audited, never applied, and never retried (versions are
+  immutable); the proxy keeps the last-good config;
+- an apply that fails is retried with exponential backoff, never in a hot loop;
+- with the store unreachable at start, the cached last-good version is applied and the store retried;
+- bursts coalesce: at most one apply per `min_apply_interval`, always of the newest version.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from grayagent.audit import AuditLog
+from grayagent.errors import GrayagentError, InvalidDocument
+from grayagent.fsutil import RENDERED_MODE, atomic_write
+from grayagent.model import parse_document
+from grayagent.stores.base import Store, VersionMeta, VersionRecord, digest_of, utc_now
+from grayagent.targets.base import Target
+
+log = structlog.get_logger("grayagent.agent")
+
+CACHE_FILE = "last-good.json"
+STATUS_FILE = "status.json"
+
+
+@dataclass
+class AgentSettings:
+    state_dir: Path
+    min_apply_interval: float = 1.0   # coalescing: bursts become one apply per interval
+    settle: float = 0.02              # let the tail of a burst land before reading current
+    resync_interval: float = 30.0     # re-read current even without a watch event
+    retry_initial: float = 2.0
+    retry_max: float = 300.0
+    store_retry_max: float = 30.0
+    host: str = field(default_factory=socket.gethostname)
+
+
+@dataclass
+class AgentStatus:
+    host: str
+    target: str
+    applied_version: int | None = None
+    applied_digest: str | None = None
+    desired_version: int | None = None
+    healthy: bool = False
+    store_reachable: bool = False
+    last_error: str | None = None
+    serving_from_cache: bool = False
+    applies: int = 0
+    failures: int = 0
+    updated: str = field(default_factory=utc_now)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def save_cache(state_dir: Path, record: VersionRecord) -> None:
+    entry = {**record.meta.as_dict(), "content": record.content.decode("utf-8")}
+    atomic_write(state_dir / CACHE_FILE, json.dumps(entry, ensure_ascii=False).encode(), RENDERED_MODE)
+
+
+def load_cache(state_dir: Path) -> VersionRecord | None:
+    try:
+        data = json.loads((state_dir / CACHE_FILE).read_bytes())
+        content = str(data.pop("content")).encode("utf-8")
+        meta = VersionMeta(**data)
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError, KeyError) as exc:
+        log.warning("cache unreadable; ignoring it", path=str(state_dir / CACHE_FILE), error=str(exc))
+        return None
+    if digest_of(content) != meta.digest:
+        log.warning("cache digest mismatch; ignoring it", path=str(state_dir / CACHE_FILE))
+        return None
+    return VersionRecord(meta, content)
+
+
+class Agent:
+    def __init__(self, store: Store, target: Target, settings: AgentSettings,
+                 on_status: Callable[[AgentStatus], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self.target = target
+        self.settings = settings
+        self.clock = clock
+        settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self.audit = AuditLog(settings.state_dir)
+        self.status = AgentStatus(host=settings.host, target=target.name)
+        self.on_status = on_status
+        self._wake = threading.Event()
+        self._refused: set[tuple[int, str]] = set()
+        self._retry_at: dict[tuple[int, str], tuple[float, float]] = {}  # key -> (due, current delay)
+        self._store_delay = 0.0
+        self._store_retry_at = 0.0
+        self._last_apply = -1e9
+
+    # ------------------------------------------------------------------ watch handler (watch thread)
+
+    def changed(self) -> None:
+        self._wake.set()
+
+    def store_state(self, reachable: bool, detail: str = "") -> None:
+        if reachable != self.status.store_reachable:
+            log.info("store reachable" if reachable else "store unreachable", store=self.store.url, detail=detail)
+        self.status.store_reachable = reachable
+        self._wake.set()
+
+    # ------------------------------------------------------------------ one pass
+
+    def _publish_status(self) -> None:
+        self.status.updated = utc_now()
+        try:
+            atomic_write(self.settings.state_dir / STATUS_FILE,
+                         json.dumps(self.status.as_dict(), indent=1).encode(), RENDERED_MODE)
+        except OSError as exc:
+            log.warning("could not write status", error=str(exc))
+        if self.on_status is not None:
+            try:
+                self.on_status(self.status)
+            except Exception as exc:  # noqa: BLE001 - status reporting must never stop the agent
+                log.warning("status report failed", error=str(exc))
+
+    def _read_current(self) -> VersionRecord | None | bool:
+        """The store's current record; False when the store cannot be read."""
+        try:
+            record = self.store.current()
+        except GrayagentError as exc:
+            self._store_failed(str(exc))
+            return False
+        self._store_delay = 0.0
+        self.status.store_reachable = True
+        return record
+
+    def _store_failed(self, error: str) -> None:
+        self.status.store_reachable = False
+        self._store_delay = min(max(self._store_delay * 2, 0.5), self.settings.store_retry_max)
+        self._store_retry_at = self.clock() + self._store_delay * random.uniform(0.5, 1.0)
+        log.warning("store read failed", store=self.store.url, error=error, retry_in=round(self._store_delay, 2))
+
+    def sync(self) -> bool:
+        """Bring the proxy to the store's current version (or the cache if the store is down). True if healthy."""
+        record = self._read_current()
+        if record is False or record is None:
+            # Store down, or empty (a wiped directory): keep serving, from the cache if nothing is applied yet.
+            if self.status.applied_version is None:
+                cached = load_cache(self.settings.state_dir)
+                if cached is not None:
+                    self.status.serving_from_cache = True
+                    self._apply(cached, source="cache")
+            healthy = self.status.last_error is None and (
+                self.status.applied_version is not None or record is None)
+            self.status.healthy = healthy
+            self._publish_status()
+            return healthy
+        assert isinstance(record, VersionRecord)
+        self.status.desired_version = record.version
+        key = (record.version, record.meta.digest)
+        applied = (self.status.applied_version, self.status.applied_digest)
+        if key == applied and self.status.last_error is None:
+            self.status.serving_from_cache = False
+            self.status.healthy = True
+        elif key in self._refused:
+            pass
+        elif key in self._retry_at and self._retry_at[key][0] > self.clock():
+            pass
+        else:
+            self._apply(record, source="store")
+        self._publish_status()
+        return self.status.healthy
+
+    def _apply(self, record: VersionRecord, source: str) -> None:
+        version, digest = record.version, record.meta.digest
+        key = (version, digest)
+        self._last_apply = self.clock()
+        base = {"version": version, "digest": digest, "source": source, "target": self.target.name}
+        if digest_of(record.content) != digest:
+            self._refuse(key, base, "content does not match its digest")
+            return
+        steps: dict[str, float] = {}
+        started = time.perf_counter()
+        try:
+            release = parse_document(record.content, f"{self.store.url}#{version}")
+        except InvalidDocument as exc:
+            self._refuse(key, base, "; ".join(str(p) for p in exc.problems[:5]))
+            return
+        files = self.target.render(release, version, digest)
+        steps["render"] = round((time.perf_counter() - started) * 1000, 3)
+        result = self.target.apply(files, version, digest)
+        steps.update(result.steps_ms)
+        self.status.applies += 1
+        if result.ok:
+            self._retry_at.pop(key, None)
+            self.status.applied_version, self.status.applied_digest = version, digest
+            self.status.last_error = None
+            self.status.healthy = True
+            if source == "store":
+                self.status.serving_from_cache = False
+                save_cache(self.settings.state_dir, record)
+            self.audit.append("apply", **base, result="ok", steps_ms=steps)
+            log.info("applied", version=version, digest=digest[:19], source=source, steps_ms=steps)
+            return
+        self.status.failures += 1
+        self.status.last_error = result.error
+        self.status.healthy = False
+        _, delay = self._retry_at.get(key, (0.0, self.settings.retry_initial / 2))
+        delay = min(delay * 2, self.settings.retry_max)
+        self._retry_at[key] = (self.clock() + delay, delay)
+        self.audit.append("apply", **base, result="failed", steps_ms=steps, error=result.error,
+                          restored=result.restored, retry_in_s=delay)
+        log.error("apply failed; last-good kept", version=version, error=result.error, restored=result.restored,
+                  retry_in=delay)
+
+    def _refuse(self, key: tuple[int, str], base: dict[str, Any], error: str) -> None:
+        self._refused.add(key)
+        self.status.last_error = f"version {key[0]} refused: {error}"
+        self.status.healthy = False
+        self.audit.append("refuse", **base, result="refused", error=error)
+        log.error("version refused; last-good kept", version=key[0], error=error)
+
+    # ------------------------------------------------------------------ loop
+
+    def _next_timer(self) -> float:
+        now = self.clock()
+        due = [now + self.settings.resync_interval]
+        due += [when for when, _ in self._retry_at.values()]
+        if not self.status.store_reachable and self._store_retry_at:
+            due.append(self._store_retry_at)
+        return max(0.0, min(due) - now)
+
+    def run(self, stop: threading.Event, ready: Callable[[], None] | None = None,
+            heartbeat: Callable[[], None] | None = None) -> None:
+        watcher = threading.Thread(target=self._watch, args=(stop,), name="store-watch", daemon=True)
+        watcher.start()
+        self.audit.append("start", target=self.target.name, store=self.store.url, host=self.settings.host)
+        self.sync()
+        if ready is not None and self.status.applied_version is not None:
+            ready()
+            ready = None
+        while not stop.is_set():
+            self._wake.wait(timeout=min(self._next_timer(), 5.0))
+            if heartbeat is not None:
+                heartbeat()
+            if stop.is_set():
+                break
+            # Coalesce: one apply per interval, of whatever is newest once the burst settles.
+            hold = self._last_apply + self.settings.min_apply_interval - self.clock()
+            if hold > 0:
+                stop.wait(hold)
+            stop.wait(self.settings.settle)
+            self._wake.clear()
+            self.sync()
+            if ready is not None and self.status.applied_version is not None:
+                ready()
+                ready = None
+        self.audit.append("stop", target=self.target.name)
+        watcher.join(timeout=5)
+
+    def _watch(self, stop: threading.Event) -> None:
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                self.store.watch(self, stop)
+                return
+            except Exception as exc:  # noqa: BLE001 - a broken watch is restarted, never fatal
+                self.store_state(False, str(exc))
+                log.warning("watch ended; restarting", error=str(exc), retry_in=delay)
+                stop.wait(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, self.settings.store_retry_max)

@@ -1,0 +1,282 @@
+"""Command line: verbs map one-to-one onto grayagent.usecases. No logic lives here.
+
+Exit codes: 0 ok; 1 invalid input or a failed operation; 2 usage; 3 compare-and-set conflict.
+Errors are one line each on stderr.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from grayagent import usecases
+from grayagent.errors import GrayagentError, InvalidDocument
+from grayagent.routing import Request
+from grayagent.stores import Store, open_store, resolve_store_url
+
+OUTPUT = click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text", show_default=True,
+                      help="Output format.")
+
+
+def _store_option(required: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option("--store", "store_url", envvar="GRAYAGENT_STORE", required=False,
+                        help="Store URL: file:///dir or a directory path, etcd://..., nacos://... "
+                             "[env: GRAYAGENT_STORE]" + ("" if required else " (or use --file)"))
+
+
+def _open(url: str | None) -> Store:
+    return open_store(resolve_store_url(url))
+
+
+def _emit(output: str, data: Any, text: str) -> None:
+    click.echo(json.dumps(data, ensure_ascii=False) if output == "json" else text)
+
+
+def _default_author() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in values:
+        if "=" not in item:
+            raise click.BadParameter(f"{item!r} is not K=V", param_hint=flag)
+        key, value = item.split("=", 1)
+        out.setdefault(key, value)
+    return out
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.version_option(package_name="grayagent")
+def cli(log_level: str) -> None:
+    """Gray-release rules from a config store, rendered into nginx and Envoy."""
+    from grayagent.logsetup import configure
+
+    configure(log_level)
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True)
+@OUTPUT
+def validate(files: tuple[str, ...], output: str) -> None:
+    """Check rule documents against the schema and the semantic rules."""
+    problems = usecases.validate_files(files)
+    if output == "json":
+        click.echo(json.dumps({"valid": not problems, "problems": [p.__dict__ for p in problems]}))
+    if problems:
+        raise InvalidDocument(problems)
+    if output == "text":
+        for f in files:
+            click.echo(f"{f}: valid")
+
+
+@cli.command()
+@click.argument("file")
+@_store_option()
+@click.option("-m", "--message", default="", help="Why this version exists.")
+@click.option("--author", default=_default_author, help="Who publishes (default: user@host).")
+@click.option("--expect-version", type=click.IntRange(min=0), default=None,
+              help="Publish only if the current version is N (compare-and-set); default: the version read now.")
+@OUTPUT
+def publish(file: str, store_url: str | None, message: str, author: str, expect_version: int | None,
+            output: str) -> None:
+    """Publish FILE as a new immutable version; prints its number."""
+    meta = usecases.publish(_open(store_url), file, author, message, expect_version)
+    _emit(output, meta.as_dict(), str(meta.version))
+
+
+@cli.command()
+@_store_option()
+@OUTPUT
+def history(store_url: str | None, output: str) -> None:
+    """List every version: number, time, author, message, digest, parent."""
+    metas = _open(store_url).history()
+    if output == "json":
+        click.echo(json.dumps([m.as_dict() for m in metas]))
+        return
+    click.echo(f"{'VERSION':>7}  {'CREATED':27}  {'PARENT':>6}  {'DIGEST':19}  {'AUTHOR':24}  MESSAGE")
+    for m in metas:
+        click.echo(f"{m.version:>7}  {m.created:27}  {m.parent:>6}  {m.digest[:19]:19}  {m.author[:24]:24}  "
+                   f"{m.message}")
+
+
+@cli.command()
+@click.argument("version", type=click.IntRange(min=1), required=False)
+@_store_option()
+@OUTPUT
+def show(version: int | None, store_url: str | None, output: str) -> None:
+    """Print the document of VERSION (default: the current one)."""
+    record = usecases.show(_open(store_url), version)
+    if output == "json":
+        click.echo(json.dumps({**record.meta.as_dict(), "content": record.content.decode("utf-8")},
+                              ensure_ascii=False))
+    else:
+        click.echo(record.content.decode("utf-8"), nl=False)
+
+
+@cli.command()
+@click.argument("a", type=click.IntRange(min=1))
+@click.argument("b", type=click.IntRange(min=1))
+@_store_option()
+@OUTPUT
+def diff(a: int, b: int, store_url: str | None, output: str) -> None:
+    """Unified diff of two versions."""
+    text = usecases.diff(_open(store_url), a, b)
+    _emit(output, {"a": a, "b": b, "diff": text}, text.rstrip("\n"))
+
+
+@cli.command()
+@click.argument("version", type=click.IntRange(min=1))
+@_store_option()
+@click.option("-m", "--message", default=None, help="Why (default: 'revert to version N').")
+@click.option("--author", default=_default_author, help="Who reverts (default: user@host).")
+@OUTPUT
+def revert(version: int, store_url: str | None, message: str | None, author: str, output: str) -> None:
+    """Publish a NEW version whose content equals VERSION; prints its number."""
+    meta = usecases.revert(_open(store_url), version, author, message)
+    _emit(output, meta.as_dict(), str(meta.version))
+
+
+@cli.command()
+@_store_option(required=False)
+@click.option("--version", "version", type=click.IntRange(min=1), default=None, help="With --store: which version.")
+@click.option("--file", "file", default=None, help="Route against a local (draft) document instead of the store.")
+@click.option("--service", default=None, help="The service the request reaches.")
+@click.option("--header", multiple=True, metavar="K=V")
+@click.option("--cookie", multiple=True, metavar="K=V")
+@click.option("--query", multiple=True, metavar="K=V")
+@click.option("--path", default="/", show_default=True)
+@click.option("--source-ip", default=None)
+@click.option("--requests", "requests_file", default=None, metavar="FILE|-",
+              help="Batch: JSON lines in, one JSON decision per line out.")
+@OUTPUT
+def route(store_url: str | None, version: int | None, file: str | None, service: str | None,
+          header: tuple[str, ...], cookie: tuple[str, ...], query: tuple[str, ...], path: str,
+          source_ip: str | None, requests_file: str | None, output: str) -> None:
+    """Show which upstream a request goes to, and the rule that decided."""
+    if file is not None and store_url is not None and "--store" in sys.argv:
+        raise click.UsageError("give either --store or --file, not both")
+    release = usecases.load_release(None if file else _open(store_url), version, file)
+    if requests_file is not None:
+        stream = sys.stdin if requests_file == "-" else open(requests_file, encoding="utf-8")  # noqa: SIM115
+        failed = False
+        with stream:
+            for decision in usecases.route_batch(release, stream, requests_file):
+                failed |= "error" in decision
+                click.echo(json.dumps(decision, ensure_ascii=False))
+        if failed:
+            sys.exit(1)
+        return
+    if service is None:
+        raise click.UsageError("--service is required (or --requests for a batch)")
+    request = Request.build(headers=_pairs(header, "--header"), cookies=_pairs(cookie, "--cookie"),
+                            query=_pairs(query, "--query"), path=path, source_ip=source_ip)
+    decision = usecases.route_one(release, service, request)
+    _emit(output, decision.as_dict(), f"upstream={decision.upstream} rule={decision.rule or '-'} by={decision.by}")
+
+
+@cli.command()
+@_store_option()
+@click.option("--target", type=click.Choice(["nginx"]), default="nginx", show_default=True)
+@click.option("--nginx-conf", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The one file the agent owns; include it inside nginx's http {} block.")
+@click.option("--nginx-main-conf", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("/etc/nginx/nginx.conf"), show_default=True)
+@click.option("--nginx-bin", default="nginx", show_default=True)
+@click.option("--verify-listen", default="127.0.0.1:18089", show_default=True,
+              help="Loopback address of the version endpoint rendered into the proxy config.")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Audit log, last-good cache and status live here.")
+@click.option("--once", is_flag=True, help="Apply the current version once and exit (0 healthy, 1 not).")
+@click.option("--min-apply-interval", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Seconds between applies; bursts of publishes coalesce into one apply.")
+def agent(store_url: str | None, target: str, nginx_conf: Path | None, nginx_main_conf: Path, nginx_bin: str,
+          verify_listen: str, state_dir: Path, once: bool, min_apply_interval: float) -> None:
+    """Watch the store and keep the proxy on its current version."""
+    from grayagent.agent import Agent, AgentSettings
+    from grayagent.targets.nginx import NginxSettings, NginxTarget
+
+    if nginx_conf is None:
+        raise click.UsageError("--nginx-conf is required with --target nginx")
+    proxy = NginxTarget(NginxSettings(conf=nginx_conf.absolute(), main_conf=nginx_main_conf, binary=nginx_bin,
+                                      verify_listen=verify_listen))
+    runner = Agent(_open(store_url), proxy, AgentSettings(state_dir=state_dir,
+                                                          min_apply_interval=min_apply_interval))
+    if once:
+        sys.exit(0 if runner.sync() else 1)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    runner.run(stop)
+
+
+@cli.group(name="audit")
+def audit_group() -> None:
+    """Read and verify the agent's audit log."""
+
+
+@audit_group.command(name="show")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@OUTPUT
+def audit_show(state_dir: Path, output: str) -> None:
+    """Print the audit entries."""
+    for entry in usecases.audit_entries(state_dir):
+        if output == "json":
+            click.echo(json.dumps(entry, ensure_ascii=False))
+        else:
+            extra = f" error={entry['error']}" if entry.get("error") else ""
+            steps = entry.get("steps_ms")
+            timing = " " + " ".join(f"{k}={v:.1f}ms" for k, v in steps.items()) if steps else ""
+            click.echo(f"{entry['seq']:>6} {entry['time']} {entry['event']:8} "
+                       f"version={entry.get('version', '-')} result={entry.get('result', '-')}{timing}{extra}")
+
+
+@audit_group.command(name="verify")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@OUTPUT
+def audit_verify(state_dir: Path, output: str) -> None:
+    """Check the hash chain; exit 1 if any entry was edited, removed or reordered."""
+    problems = usecases.audit_verify(state_dir)
+    _emit(output, {"intact": not problems, "problems": problems},
+          "\n".join(problems) if problems else f"{state_dir / 'audit.jsonl'}: intact")
+    if problems:
+        sys.exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="grayagent", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        hint = f"{exc.ctx.command_path}: " if getattr(exc, "ctx", None) else "grayagent: "
+        click.echo(f"{hint}{exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except InvalidDocument as exc:
+        for problem in exc.problems:
+            click.echo(str(problem), err=True)
+        sys.exit(exc.exit_code)
+    except GrayagentError as exc:
+        click.echo(f"grayagent: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

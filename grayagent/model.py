@@ -1,0 +1,458 @@
+"""The rule document: parse, schema check, semantic checks, and the frozen routing model.
+
+`parse_document(content, source)` is the only way in. It either returns a `Release` whose every value is
+safe to render into any target, or raises `InvalidDocument` listing every problem as
+"SOURCE: path.to.field: what is wrong".
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import json
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from importlib import resources
+from typing import Any, Literal
+
+import jsonschema
+import yaml
+
+from grayagent.errors import InvalidDocument, Problem
+from grayagent.regexsubset import check_portable_regex
+
+MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
+API_VERSION = "grayagent/v1"
+
+FieldKind = Literal["header", "cookie", "query", "path"]
+MatchKind = Literal["exact", "prefix", "regex", "in", "present"]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """Where a request value comes from. Header names are stored lowercased (they are case-insensitive)."""
+
+    kind: FieldKind
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StringMatch:
+    """One string matcher. `values` holds one string for exact/prefix/regex, several for `in`, none for present."""
+
+    kind: MatchKind
+    values: tuple[str, ...] = ()
+    present: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ValueCondition:
+    field: Field
+    match: StringMatch
+
+
+@dataclass(frozen=True, slots=True)
+class CidrCondition:
+    networks: tuple[IPNetwork, ...]
+
+
+Condition = ValueCondition | CidrCondition
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    conditions: tuple[Condition, ...]
+    to: str
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """Weights are in hundredths of a percent (nginx parses two decimals), in document order."""
+
+    key: Field | None
+    salt: str
+    weights: tuple[tuple[str, int], ...]
+    when_key_missing: Literal["default", "random"]
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    name: str
+    servers: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """host is "" for all addresses, an IPv4 address, or an IPv6 address without brackets."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        if not self.host:
+            return str(self.port)
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    name: str
+    listen: Listen
+    hosts: tuple[str, ...]
+    upstreams: tuple[Upstream, ...]
+    default: str
+    rules: tuple[Rule, ...]
+    split: Split | None
+
+    def upstream_names(self) -> tuple[str, ...]:
+        return tuple(u.name for u in self.upstreams)
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    name: str
+    services: tuple[Service, ...]
+
+    def service(self, name: str) -> Service:
+        for svc in self.services:
+            if svc.name == name:
+                return svc
+        raise KeyError(name)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys and aliases (a billion-laughs document must not expand)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+def _refuse_alias(self: _StrictLoader, *args: Any, **kwargs: Any) -> Any:
+    raise yaml.composer.ComposerError(None, None, "aliases are not allowed",
+                                      self.peek_event().start_mark)  # type: ignore[no-untyped-call]
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)  # type: ignore[arg-type]
+
+
+class _NoAliasLoader(_StrictLoader):
+    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
+        if self.check_event(yaml.events.AliasEvent):  # type: ignore[no-untyped-call]
+            _refuse_alias(self)
+        return super().compose_node(parent, index)  # type: ignore[no-untyped-call]
+
+
+def _json_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def load_data(content: bytes, source: str) -> Any:
+    """Decode YAML or JSON into plain data, or raise InvalidDocument with one problem."""
+    if len(content) > MAX_DOCUMENT_BYTES:
+        raise InvalidDocument([Problem(source, "", f"document is {len(content)} bytes; the limit is "
+                                                   f"{MAX_DOCUMENT_BYTES}")])
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidDocument([Problem(source, "", f"not UTF-8 (byte {exc.start})")]) from None
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text, object_pairs_hook=_json_pairs)
+        except ValueError as exc:
+            raise InvalidDocument([Problem(source, "", f"invalid JSON: {exc}")]) from None
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise InvalidDocument([Problem(source, "", f"invalid YAML{where}: {problem}")]) from None
+
+
+# ---------------------------------------------------------------------------------------------- schema
+
+
+@functools.cache
+def schema() -> dict[str, Any]:
+    text = resources.files("grayagent").joinpath("schema/grayrelease.schema.json").read_text("utf-8")
+    loaded: dict[str, Any] = json.loads(text)
+    return loaded
+
+
+@functools.cache
+def _validator() -> jsonschema.protocols.Validator:
+    cls = jsonschema.validators.validator_for(schema())
+    cls.check_schema(schema())
+    validator: jsonschema.protocols.Validator = cls(schema())
+    return validator
+
+
+def format_path(parts: Iterable[str | int]) -> str:
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=True) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _schema_message(error: jsonschema.ValidationError) -> str:
+    """jsonschema's messages quote the whole offending value (1 MB strings included); keep them short."""
+    v = error.validator
+    if v == "maxLength":
+        return f"longer than {error.validator_value} characters"
+    if v == "minLength":
+        return "must not be empty" if error.validator_value == 1 else f"shorter than {error.validator_value}"
+    if v == "pattern":
+        return f"{_short(error.instance)} does not match {error.validator_value}"
+    if v == "additionalProperties":
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        return f"unknown field{'s' if len(extra) > 1 else ''}: {', '.join(map(str, extra))}"
+    if v == "required":
+        missing = [k for k in error.validator_value if k not in error.instance]
+        return f"missing required field{'s' if len(missing) > 1 else ''}: {', '.join(missing)}"
+    if v == "type":
+        return f"{_short(error.instance)} is not of type {error.validator_value}"
+    if v == "maxProperties" and error.validator_value == 1:
+        return f"give exactly one of {', '.join(error.schema.get('properties', {}))}; got {', '.join(error.instance)}"
+    if v == "minProperties" and error.validator_value == 1 and "properties" in error.schema:
+        return f"give one of {', '.join(error.schema['properties'])}"
+    if v == "const":
+        return f"must be {error.validator_value!r}"
+    if v in ("maxItems", "maxProperties"):
+        return f"more than {error.validator_value} entries"
+    message: str = error.message
+    return message if len(message) <= 200 else message[:197] + "..."
+
+
+def _schema_problems(data: Any, source: str) -> list[Problem]:
+    problems: list[Problem] = []
+    for error in sorted(_validator().iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path]):
+        path = list(error.absolute_path)
+        if error.validator == "propertyNames":
+            # jsonschema reports the bad name against its parent; name it in the path instead.
+            path.append(error.instance if isinstance(error.instance, str) else "?")
+        problems.append(Problem(source, format_path(path), _schema_message(error)))
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------- semantics
+
+
+def parse_weight(value: Any) -> int | None:
+    """A percentage with at most two decimals, as hundredths; None when it has more decimals."""
+    try:
+        dec = Decimal(str(value))
+    except InvalidOperation:
+        return None
+    hundredths = dec * 100
+    if hundredths != hundredths.to_integral_value():
+        return None
+    return int(hundredths)
+
+
+def parse_listen(value: int | str) -> Listen | None:
+    if isinstance(value, int):
+        return Listen("", value) if 1 <= value <= 65535 else None
+    host, _, port_text = value.rpartition(":")
+    if not host:
+        port = int(value)
+        return Listen("", port) if 1 <= port <= 65535 else None
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        return None
+    host = host[1:-1] if host.startswith("[") else host
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return Listen(str(addr), port)
+
+
+def _check_server(server: str) -> str | None:
+    host, _, port_text = server.rpartition(":")
+    if not 1 <= int(port_text) <= 65535:
+        return f"port {port_text} is out of range"
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return f"{host} is not an IPv6 address"
+    return None
+
+
+class _Checker:
+    """Collects semantic problems while building the model from schema-valid data."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.problems: list[Problem] = []
+
+    def problem(self, path: Iterable[str | int], message: str) -> None:
+        self.problems.append(Problem(self.source, format_path(path), message))
+
+    def string_match(self, raw: dict[str, Any], path: list[str | int]) -> StringMatch:
+        kind, value = next(iter(raw.items()))
+        if kind == "present":
+            return StringMatch("present", (), bool(value))
+        if kind == "in":
+            return StringMatch("in", tuple(value))
+        if kind == "regex":
+            error = check_portable_regex(value)
+            if error:
+                self.problem([*path, "regex"], error)
+        return StringMatch(kind, (value,))
+
+    def rule(self, raw: dict[str, Any], path: list[str | int], upstreams: set[str]) -> Rule:
+        match = raw["match"]
+        conditions: list[Condition] = []
+        for kind, key in (("header", "headers"), ("cookie", "cookies"), ("query", "query")):
+            for name, matcher in match.get(key, {}).items():
+                field = Field(kind, name.lower() if kind == "header" else name)  # type: ignore[arg-type]
+                conditions.append(ValueCondition(field, self.string_match(matcher, [*path, "match", key, name])))
+        if "path" in match:
+            conditions.append(ValueCondition(Field("path"), self.string_match(match["path"], [*path, "match", "path"])))
+        if "sourceCIDRs" in match:
+            networks: list[IPNetwork] = []
+            for i, cidr in enumerate(match["sourceCIDRs"]):
+                try:
+                    networks.append(ipaddress.ip_network(cidr, strict=True))
+                except ValueError as exc:
+                    self.problem([*path, "match", "sourceCIDRs", i], str(exc))
+            conditions.append(CidrCondition(tuple(networks)))
+        headers_seen: set[str] = set()
+        for name in match.get("headers", {}):
+            if name.lower() in headers_seen:
+                self.problem([*path, "match", "headers", name], "header names are case-insensitive; listed twice")
+            headers_seen.add(name.lower())
+        if raw["to"] not in upstreams:
+            self.problem([*path, "to"], f"unknown upstream {raw['to']!r}")
+        return Rule(raw["name"], tuple(conditions), raw["to"])
+
+    def split(self, raw: dict[str, Any], path: list[str | int], service: str, upstreams: set[str]) -> Split:
+        key: Field | None = None
+        if "key" in raw:
+            kind, name = next(iter(raw["key"].items()))
+            key = Field(kind, name.lower() if kind == "header" else name)
+        weights: list[tuple[str, int]] = []
+        for name, value in raw["weights"].items():
+            if name not in upstreams:
+                self.problem([*path, "weights", name], f"unknown upstream {name!r}")
+            hundredths = parse_weight(value)
+            if hundredths is None:
+                self.problem([*path, "weights", name], f"{value} has more than two decimals")
+                continue
+            weights.append((name, hundredths))
+        total = sum(w for _, w in weights)
+        if len(weights) == len(raw["weights"]) and total != 10000:
+            self.problem([*path, "weights"], f"weights sum to {Decimal(total) / 100}, not 100")
+        return Split(key, raw.get("salt", service), tuple(weights), raw.get("whenKeyMissing", "default"))
+
+    def service(self, raw: dict[str, Any], path: list[str | int]) -> Service:
+        listen = parse_listen(raw["listen"])
+        if listen is None:
+            self.problem([*path, "listen"], f"{raw['listen']!r} is not a port or an address:port")
+            listen = Listen("", 1)
+        upstreams = tuple(Upstream(name, tuple(up["servers"])) for name, up in raw["upstreams"].items())
+        names = {u.name for u in upstreams}
+        for up in upstreams:
+            for i, server in enumerate(up.servers):
+                error = _check_server(server)
+                if error:
+                    self.problem([*path, "upstreams", up.name, "servers", i], error)
+        if raw["default"] not in names:
+            self.problem([*path, "default"], f"unknown upstream {raw['default']!r}")
+        rules: list[Rule] = []
+        seen_rules: set[str] = set()
+        for i, rule_raw in enumerate(raw.get("rules", [])):
+            if rule_raw["name"] in seen_rules:
+                self.problem([*path, "rules", i, "name"], f"duplicate rule name {rule_raw['name']!r}")
+            seen_rules.add(rule_raw["name"])
+            rules.append(self.rule(rule_raw, [*path, "rules", i], names))
+        split = self.split(raw["split"], [*path, "split"], raw["name"], names) if "split" in raw else None
+        return Service(raw["name"], listen, tuple(h.lower() for h in raw.get("hosts", [])), upstreams,
+                       raw["default"], tuple(rules), split)
+
+    def release(self, data: dict[str, Any]) -> Release:
+        services: list[Service] = []
+        seen: set[str] = set()
+        bindings: dict[tuple[int, str], str] = {}
+        for i, raw in enumerate(data["spec"]["services"]):
+            path: list[str | int] = ["spec", "services", i]
+            if raw["name"] in seen:
+                self.problem([*path, "name"], f"duplicate service name {raw['name']!r}")
+            seen.add(raw["name"])
+            svc = self.service(raw, path)
+            for host in svc.hosts or ("",):
+                # A listen port is one socket in the proxy; two services may share it only with distinct hosts.
+                binding = (svc.listen.port, host)
+                if binding in bindings:
+                    shown = f"host {host!r}" if host else "no hosts (catch-all)"
+                    self.problem([*path, "hosts" if host else "listen"],
+                                 f"port {svc.listen.port} with {shown} is already used by service {bindings[binding]!r}")
+                bindings[binding] = svc.name
+            services.append(svc)
+        return Release(data["metadata"]["name"], tuple(services))
+
+
+def parse_document(content: bytes, source: str) -> Release:
+    """Parse and fully validate a rule document; raise InvalidDocument with every problem found."""
+    data = load_data(content, source)
+    problems = _schema_problems(data, source)
+    if problems:
+        raise InvalidDocument(problems)
+    checker = _Checker(source)
+    release = checker.release(data)
+    if checker.problems:
+        raise InvalidDocument(checker.problems)
+    return release
+
+
+def document_name(content: bytes, source: str) -> str:
+    """The release name of a valid document (stores key their entries by it)."""
+    data = load_data(content, source)
+    name = data.get("metadata", {}).get("name") if isinstance(data, dict) else None
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", name):
+        raise InvalidDocument([Problem(source, "metadata.name", "missing or not a valid name")])
+    return name
+
+
+def iter_value_fields(release: Release) -> Iterator[Field]:
+    """Every request field any rule or split reads, each once, in a stable order."""
+    seen: set[Field] = set()
+    for svc in release.services:
+        fields = [c.field for r in svc.rules for c in r.conditions if isinstance(c, ValueCondition)]
+        if svc.split is not None and svc.split.key is not None:
+            fields.append(svc.split.key)
+        for f in fields:
+            if f not in seen:
+                seen.add(f)
+                yield f

@@ -1,0 +1,81 @@
+"""The regex subset that means the same in Python `re` (bytes), nginx PCRE and Envoy RE2.
+
+Regexes run on bytes, unanchored (a search), like nginx's `~`. We accept a pattern only if it is printable
+ASCII and uses no construct that one of the three engines lacks or reads differently.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+try:  # Python 3.11+ keeps the parser private; it is the same module as the deprecated sre_parse.
+    import re._constants as _c
+    import re._parser as _p
+except ImportError:  # pragma: no cover
+    import sre_constants as _c  # type: ignore[no-redef]
+    import sre_parse as _p  # type: ignore[no-redef]
+
+_REFUSED_OPS: dict[Any, str] = {
+    _c.ASSERT: "lookaround is not supported by RE2",
+    _c.ASSERT_NOT: "negative lookaround is not supported by RE2",
+    _c.GROUPREF: "backreferences are not supported by RE2",
+    _c.GROUPREF_EXISTS: "conditional groups are not supported by RE2",
+}
+for _name, _why in (("ATOMIC_GROUP", "atomic groups are not supported by RE2"),
+                    ("POSSESSIVE_REPEAT", "possessive quantifiers are not supported by RE2")):
+    if hasattr(_c, _name):
+        _REFUSED_OPS[getattr(_c, _name)] = _why
+
+_REFUSED_AT = {
+    _c.AT_END_STRING: r"\Z means different things in PCRE and RE2; use $",
+}
+_ALLOWED_FLAGS = re.IGNORECASE | re.MULTILINE | re.DOTALL
+MAX_REPEAT = 1000  # RE2's limit on {n,m}
+
+
+def _walk(items: Any) -> str | None:
+    for op, arg in items:
+        if op in _REFUSED_OPS:
+            return _REFUSED_OPS[op]
+        if op == _c.AT and arg in _REFUSED_AT:
+            return _REFUSED_AT[arg]
+        if op in (_c.MAX_REPEAT, _c.MIN_REPEAT):
+            low, high, sub = arg
+            if low > MAX_REPEAT or (high != _c.MAXREPEAT and high > MAX_REPEAT):
+                return f"repetition counts above {MAX_REPEAT} are not supported by RE2"
+            error = _walk(sub)
+        elif op == _c.SUBPATTERN:
+            _group, add_flags, del_flags, sub = arg
+            if (add_flags | del_flags) & ~_ALLOWED_FLAGS:
+                return "only the inline flags i, m and s are portable"
+            error = _walk(sub)
+        elif op == _c.BRANCH:
+            error = next((e for e in (_walk(b) for b in arg[1]) if e), None)
+        elif op in (_c.IN, _c.NOT_LITERAL, _c.LITERAL, _c.ANY, _c.AT, _c.CATEGORY, _c.RANGE, _c.NEGATE):
+            error = None
+        else:
+            error = None
+        if error:
+            return error
+    return None
+
+
+def check_portable_regex(pattern: str) -> str | None:
+    """None if the pattern is portable, else a one-line reason."""
+    if not pattern.isascii() or any(not (0x20 <= ord(ch) < 0x7F) for ch in pattern):
+        return "only printable ASCII is allowed in a regex; escape other bytes as \\xHH"
+    if "\\z" in pattern.replace("\\\\", ""):
+        return r"\z is not supported by Python re; use $"
+    try:
+        parsed = _p.parse(pattern.encode("ascii"), 0)
+    except re.error as exc:
+        return f"invalid regex: {exc}"
+    flags = parsed.state.flags & ~re.DEBUG
+    if flags & ~(_ALLOWED_FLAGS | re.ASCII):
+        return "only the inline flags i, m and s are portable"
+    return _walk(parsed)
+
+
+def compile_portable(pattern: str) -> re.Pattern[bytes]:
+    return re.compile(pattern.encode("ascii"))

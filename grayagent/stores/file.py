@@ -1,0 +1,172 @@
+"""The embedded default store: a local directory.
+
+Layout (stable; other tools may read it):
+    <dir>/versions/<N>.json   immutable; {"version", "parent", "created", "author", "message", "digest", "content"}
+    <dir>/current             the current version number and a newline
+    <dir>/.lock               flock()ed by publishers, so compare-and-set holds across processes
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from grayagent.errors import Conflict, StoreError, UsageError, VersionNotFound
+from grayagent.fsutil import atomic_write, create_exclusive
+from grayagent.stores.base import VersionMeta, VersionRecord, WatchHandler, digest_of, utc_now
+
+SAFETY_POLL_SECONDS = 2.0  # inotify can miss events (NFS, overlay mounts); a cheap re-check covers it
+
+
+def path_from_url(url: str) -> Path:
+    if url.startswith("file:"):
+        parts = urlsplit(url)
+        if parts.netloc not in ("", "localhost"):
+            raise UsageError(f"--store: {url}: file URLs name a local path (file:///abs/dir)")
+        if not parts.path:
+            raise UsageError(f"--store: {url}: the file URL has no path")
+        return Path(unquote(parts.path))
+    return Path(url).expanduser().resolve()
+
+
+class FileStore:
+    def __init__(self, url: str) -> None:
+        self.root = path_from_url(url)
+        self.url = f"file://{self.root}"
+        self.versions_dir = self.root / "versions"
+        self.current_path = self.root / "current"
+
+    # ------------------------------------------------------------------ reading
+
+    def _read_current_number(self) -> int:
+        try:
+            text = self.current_path.read_text("ascii").strip()
+        except FileNotFoundError:
+            return 0  # a store directory that does not exist yet is empty; the first publish creates it
+        except OSError as exc:
+            raise StoreError(f"{self.url}: {exc.strerror}") from None
+        if not text.isdigit():
+            raise StoreError(f"{self.current_path}: not a version number")
+        return int(text)
+
+    def _version_path(self, version: int) -> Path:
+        return self.versions_dir / f"{version:010d}.json"
+
+    def _load(self, path: Path) -> dict[str, Any]:
+        try:
+            data: dict[str, Any] = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{path}: unreadable version entry: {exc}") from None
+        return data
+
+    @staticmethod
+    def _meta(data: dict[str, Any]) -> VersionMeta:
+        return VersionMeta(int(data["version"]), int(data["parent"]), str(data["created"]), str(data["author"]),
+                           str(data["message"]), str(data["digest"]))
+
+    def current(self) -> VersionRecord | None:
+        number = self._read_current_number()
+        return self.get(number) if number else None
+
+    def get(self, version: int) -> VersionRecord:
+        try:
+            data = self._load(self._version_path(version))
+        except FileNotFoundError:
+            raise VersionNotFound(f"version {version} does not exist in {self.url}") from None
+        content = str(data["content"]).encode("utf-8")
+        record = VersionRecord(self._meta(data), content)
+        if digest_of(content) != record.meta.digest:
+            raise StoreError(f"{self._version_path(version)}: content does not match its digest")
+        return record
+
+    def _version_files(self) -> Iterator[Path]:
+        if not self.versions_dir.is_dir():
+            return iter(())
+        return (p for p in self.versions_dir.glob("*.json") if p.stem.isdigit())
+
+    def history(self) -> list[VersionMeta]:
+        metas = [self._meta(self._load(p)) for p in self._version_files()]
+        return sorted(metas, key=lambda m: m.version)
+
+    # ------------------------------------------------------------------ writing
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def publish(self, content: bytes, expected: int, author: str, message: str) -> VersionMeta:
+        try:
+            text = content.decode("utf-8")
+        except UnicodeDecodeError:
+            raise StoreError("documents must be UTF-8") from None
+        with self._locked():
+            current = self._read_current_number()
+            if current != expected:
+                raise Conflict(expected, current)
+            # A crash between writing a version and moving the pointer leaves an orphan; never reuse its number.
+            highest = max((int(p.stem) for p in self._version_files()), default=0)
+            meta = VersionMeta(max(highest, current) + 1, current, utc_now(), author, message, digest_of(content))
+            entry = json.dumps({**meta.as_dict(), "content": text}, ensure_ascii=False, indent=1).encode()
+            if not create_exclusive(self._version_path(meta.version), entry):
+                raise StoreError(f"version {meta.version} appeared during publish")
+            atomic_write(self.current_path, f"{meta.version}\n".encode())
+        return meta
+
+    # ------------------------------------------------------------------ watching
+
+    def watch(self, handler: WatchHandler, stop: threading.Event) -> None:
+        from watchdog.events import FileSystemEvent, FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        current_name = self.current_path.name
+
+        class _OnCurrent(FileSystemEventHandler):
+            def on_any_event(self, event: FileSystemEvent) -> None:
+                paths = (event.src_path, getattr(event, "dest_path", "") or "")
+                if any(os.path.basename(str(p)) == current_name for p in paths):
+                    handler.changed()
+
+        observer = None
+        reachable: bool | None = None
+        last_seen: tuple[float, int] | None = None
+        try:
+            while not stop.is_set():
+                ok = self.root.is_dir()
+                if ok != reachable:
+                    reachable = ok
+                    handler.store_state(ok, "" if ok else f"{self.root} is missing")
+                    if ok and observer is None:
+                        observer = Observer()
+                        observer.schedule(_OnCurrent(), str(self.root), recursive=False)
+                        observer.start()
+                    handler.changed()
+                if ok:
+                    with contextlib.suppress(OSError):
+                        st = self.current_path.stat()
+                        seen = (st.st_mtime, st.st_ino)
+                        if last_seen is not None and seen != last_seen:
+                            handler.changed()
+                        last_seen = seen
+                stop.wait(SAFETY_POLL_SECONDS)
+        finally:
+            if observer is not None:
+                observer.stop()
+                observer.join(timeout=5)
+
+    def close(self) -> None:
+        pass

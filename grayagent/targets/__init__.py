@@ -1,0 +1,1 @@
+"""Proxy targets: a pure renderer plus an applier that owns all process work for that proxy."""

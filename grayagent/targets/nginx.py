@@ -1,0 +1,114 @@
+"""The nginx target: render one include file, then check -> swap -> reload -> verify, restoring on failure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from grayagent.fsutil import atomic_write
+from grayagent.model import Release
+from grayagent.targets.base import ApplyResult, RenderedFiles, StepFailed, http_get, poll_until, run_command
+from grayagent.targets.nginx_render import VERSION_PATH, NginxOptions, render
+
+PLACEHOLDER = b"# grayagent: no version applied yet\n"
+
+
+@dataclass(frozen=True)
+class NginxSettings:
+    conf: Path                                  # the one file the agent owns, included inside http {}
+    main_conf: Path = Path("/etc/nginx/nginx.conf")
+    binary: str = "nginx"
+    verify_listen: str = "127.0.0.1:18089"
+    verify_timeout: float = 5.0
+
+
+def _first_error(output: str) -> str:
+    for line in output.splitlines():
+        if "[emerg]" in line or "[error]" in line or "[alert]" in line:
+            return line.removeprefix("nginx: ").strip()
+    lines = [line for line in output.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "no output"
+
+
+class NginxTarget:
+    name = "nginx"
+
+    def __init__(self, settings: NginxSettings) -> None:
+        self.settings = settings
+        self.options = NginxOptions(verify_listen=settings.verify_listen)
+
+    def render(self, release: Release, version: int, digest: str) -> RenderedFiles:
+        return {self.settings.conf.name: render(release, version, digest, self.options).encode("ascii")}
+
+    # ------------------------------------------------------------------ process work
+
+    def _nginx(self, *args: str) -> list[str]:
+        return [self.settings.binary, *args, "-c", str(self.settings.main_conf)]
+
+    def live_version(self) -> tuple[int, str] | None:
+        try:
+            status, body = http_get(f"http://{self.settings.verify_listen}{VERSION_PATH}")
+        except OSError:
+            return None
+        parts = body.split()
+        if status != 200 or len(parts) != 2 or not parts[0].isdigit():
+            return None
+        return int(parts[0]), parts[1]
+
+    def _check(self) -> None:
+        done = run_command(self._nginx("-t", "-q"))
+        if done.returncode != 0:
+            raise StepFailed(f"nginx -t failed: {_first_error(done.stderr + done.stdout)}")
+
+    def _reload(self) -> None:
+        done = run_command(self._nginx("-s", "reload"))
+        if done.returncode != 0:
+            raise StepFailed(f"nginx -s reload failed: {_first_error(done.stderr + done.stdout)}")
+
+    def _verify(self, version: int, digest: str) -> None:
+        if not poll_until(lambda: self.live_version() == (version, digest), self.settings.verify_timeout):
+            live = self.live_version()
+            shown = f"version {live[0]}" if live else "no version"
+            raise StepFailed(f"nginx still serves {shown} {self.settings.verify_timeout:.0f}s after reload "
+                             f"(see nginx's error_log for [emerg], e.g. a failed bind)")
+
+    def apply(self, files: RenderedFiles, version: int, digest: str) -> ApplyResult:
+        result = ApplyResult(ok=False)
+        conf = self.settings.conf
+        candidate = files[conf.name]
+        try:
+            previous: bytes | None = conf.read_bytes()
+        except FileNotFoundError:
+            previous = None
+        if previous == candidate and self.live_version() == (version, digest):
+            result.ok = True
+            return result
+        try:
+            # nginx reads its files only on reload, so the candidate can sit in place while nginx -t checks
+            # the whole config exactly as the master will load it.
+            with result.step("write"):
+                atomic_write(conf, candidate)
+            with result.step("check"):
+                self._check()
+            with result.step("reload"):
+                result.reloaded = True
+                self._reload()
+            with result.step("verify"):
+                self._verify(version, digest)
+        except (StepFailed, OSError) as exc:
+            result.error = str(exc)
+            self._restore(previous, result)
+            return result
+        result.ok = True
+        return result
+
+    def _restore(self, previous: bytes | None, result: ApplyResult) -> None:
+        """Put the last-good file back; reload again only if the failed attempt got as far as reloading."""
+        with result.step("restore"):
+            try:
+                atomic_write(self.settings.conf, previous if previous is not None else PLACEHOLDER)
+                if result.reloaded:
+                    self._reload()
+                result.restored = True
+            except (StepFailed, OSError) as exc:
+                result.error = f"{result.error}; restoring last-good also failed: {exc}"

@@ -1,0 +1,202 @@
+"""Render a Release into one nginx config file, meant to be `include`d inside `http {}`.
+
+Pure and deterministic: the same release, version and options give byte-identical output.
+
+How the one meaning of a route (grayagent.routing) becomes nginx:
+- every field a rule or split reads becomes a variable: `$http_<name>` for headers, a `map` over `$http_cookie`
+  or `$args` with routing.COOKIE_PATTERN / QUERY_PATTERN for cookies and query, a `map` over `$request_uri`
+  for the raw path;
+- every condition becomes a `map` (or a `geo` for CIDRs) yielding 1 or 0; exact matches use anchored regexes
+  because plain `map` keys compare case-insensitively;
+- one decision `map` per service over the concatenated condition bits: `map` tries regexes in order, so
+  `~^.{a}1{n}` for each rule in order gives "the first rule that holds decides";
+- the split is `split_clients` over salt + key, whose murmur2 and boundary arithmetic routing.py mirrors.
+
+Injection safety: document values reach the file only (a) after schema patterns limit them to safe
+characters (names, hosts, servers, salts, header/cookie/query names), (b) as `str()` of a parsed IP network,
+or (c) inside a double-quoted map regex, where every byte outside [A-Za-z0-9_/:@-] of a literal is written as
+`\\xHH`, and user regexes (printable ASCII only) get `\\` and `"` escaped. No document value ever appears where
+nginx interpolates variables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from grayagent.model import CidrCondition, Field, Release, Service, StringMatch, ValueCondition, iter_value_fields
+from grayagent.routing import COOKIE_PATTERN, QUERY_PATTERN, split_parts
+
+VERSION_PATH = "/grayagent/version"
+_LITERAL_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_/:@-")
+
+
+@dataclass(frozen=True, slots=True)
+class NginxOptions:
+    """Inputs that are not in the document: they belong to the host, not the release."""
+
+    verify_listen: str = "127.0.0.1:18089"
+    keepalive: int = 32
+
+
+def quote(text: str) -> str:
+    """A double-quoted nginx string; nginx unescapes exactly \\\\ and \\" (and \\t \\n \\r, never produced)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def regex_literal(value: str) -> str:
+    """A PCRE fragment matching exactly the UTF-8 bytes of `value`, in printable ASCII."""
+    return "".join(chr(b) if b in _LITERAL_SAFE else f"\\x{b:02x}" for b in value.encode("utf-8", "surrogateescape"))
+
+
+def upstream_block_name(service: Service, upstream: str) -> str:
+    return f"grayagent.{service.name}.{upstream}"
+
+
+def _field_var(fld: Field) -> str:
+    if fld.kind == "header":
+        return "$http_" + fld.name.replace("-", "_")
+    if fld.kind == "path":
+        return "$ga_path"
+    prefix = "ga_ck_" if fld.kind == "cookie" else "ga_arg_"
+    return "$" + prefix + fld.name.encode().hex()
+
+
+def _extraction_maps(release: Release) -> list[str]:
+    out: list[str] = []
+    fields = list(iter_value_fields(release))
+    if any(f.kind == "path" for f in fields):
+        out.append('map $request_uri $ga_path {\n    "~^([^?]*)" $1;\n    default "";\n}\n')
+    for fld in fields:
+        if fld.kind not in ("cookie", "query"):
+            continue
+        source, pattern = ("$http_cookie", COOKIE_PATTERN) if fld.kind == "cookie" else ("$args", QUERY_PATTERN)
+        regex = pattern.format(name=regex_literal(fld.name))
+        out.append(f"# {fld.kind} {fld.name}\nmap {source} {_field_var(fld)} {{\n"
+                   f"    {quote('~' + regex)} $1;\n    default \"\";\n}}\n")
+    return out
+
+
+def _matcher_lines(match: StringMatch) -> list[str]:
+    if match.kind == "present":
+        return ['"" 1;', "default 0;"] if not match.present else ['"" 0;', "default 1;"]
+    if match.kind == "regex":
+        keys = ["~" + match.values[0]]
+    elif match.kind == "prefix":
+        keys = ["~^" + regex_literal(match.values[0])]
+    else:  # exact, in
+        keys = ["~^" + regex_literal(v) + "\\z" for v in match.values]
+    # An empty value counts as absent, and never matches a regex (exact keys are tried before regexes).
+    return ['"" 0;', *(f"{quote(k)} 1;" for k in keys), "default 0;"]
+
+
+def _service_blocks(index: int, svc: Service, options: NginxOptions) -> list[str]:
+    var = f"ga_s{index}"
+    out: list[str] = [f"# ---- service {svc.name} (variables ${var}_*)\n"]
+    for up in svc.upstreams:
+        servers = "".join(f"    server {s};\n" for s in up.servers)
+        out.append(f"upstream {upstream_block_name(svc, up.name)} {{\n{servers}    keepalive {options.keepalive};\n}}\n")
+
+    bits: list[str] = []
+    rule_patterns: list[tuple[str, str, str]] = []  # (regex over the bits, upstream, rule name)
+    for rule in svc.rules:
+        start = len(bits)
+        for cond in rule.conditions:
+            cvar = f"{var}_c{len(bits)}"
+            if isinstance(cond, ValueCondition):
+                body = "".join(f"    {line}\n" for line in _matcher_lines(cond.match))
+                out.append(f"# rule {rule.name}: {cond.field.kind} {cond.field.name}".rstrip() + "\n"
+                           f"map {_field_var(cond.field)} ${cvar} {{\n{body}}}\n")
+            elif isinstance(cond, CidrCondition):
+                nets = "".join(f"    {net} 1;\n" for net in cond.networks)
+                out.append(f"# rule {rule.name}: source address\ngeo ${cvar} {{\n    default 0;\n{nets}}}\n")
+            bits.append(f"${{{cvar}}}")
+        skip = f".{{{start}}}" if start else ""
+        rule_patterns.append((f"~^{skip}1{{{len(bits) - start}}}", rule.to, rule.name))
+
+    split = svc.split
+    fallback = upstream_block_name(svc, svc.default)
+    key_missing = fallback
+    source = "".join(bits)
+    if split is not None:
+        parts = split_parts(split)
+        if len(parts) == 1:
+            fallback = upstream_block_name(svc, parts[0].upstream)
+            key_missing = fallback
+        else:
+            lines = "".join(
+                f"    {'*' if p.boundary is None else f'{p.hundredths // 100}.{p.hundredths % 100:02d}%'} "
+                f"{upstream_block_name(svc, p.upstream)};\n" for p in parts)
+            if split.key is not None:
+                out.append(f'split_clients "{split.salt}${{{_field_var(split.key)[1:]}}}" ${var}_split {{\n{lines}}}\n')
+                fallback = f"${var}_split"
+            if split.key is None or split.when_key_missing == "random":
+                out.append(f'split_clients "${{request_id}}" ${var}_rsplit {{\n{lines}}}\n')
+                key_missing = f"${var}_rsplit"
+                if split.key is None:
+                    fallback = key_missing
+        if split.key is not None:
+            out.append(f'map {_field_var(split.key)} ${var}_k {{\n    "" 0;\n    default 1;\n}}\n')
+            source += f":${{{var}_k}}"
+            rule_patterns.append(("~:0$", "", ""))
+
+    entries = []
+    rule_entries = []
+    for pattern, to, name in rule_patterns:
+        target = upstream_block_name(svc, to) if to else key_missing
+        entries.append(f"    {quote(pattern)} {target};\n")
+        rule_entries.append(f"    {quote(pattern)} {name or '-'};\n")
+    target = fallback
+    if rule_patterns:
+        out.append(f'map "{source}" ${var}_up {{\n{"".join(entries)}    default {fallback};\n}}\n')
+        out.append(f'map "{source}" ${var}_rule {{\n{"".join(rule_entries)}    default -;\n}}\n')
+        target = f"${var}_up"
+
+    listen = str(svc.listen)
+    names = " ".join(svc.hosts) if svc.hosts else '""'
+    out.append(
+        "server {\n"
+        f"    listen {listen};\n"
+        f"    server_name {names};\n"
+        "    location / {\n"
+        f"        proxy_pass http://{target};\n"
+        "        proxy_http_version 1.1;\n"
+        '        proxy_set_header Connection "";\n'
+        "        proxy_set_header Host $host;\n"
+        "        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n"
+        "    }\n"
+        "}\n")
+    return out
+
+
+def _catch_all_servers(release: Release) -> list[str]:
+    """Ports where every service names hosts get a 404 default server, so unknown hosts never reach a service."""
+    by_listen: dict[str, list[Service]] = {}
+    for svc in release.services:
+        by_listen.setdefault(str(svc.listen), []).append(svc)
+    out = []
+    for listen, services in by_listen.items():
+        if all(s.hosts for s in services):
+            out.append(f"server {{\n    listen {listen} default_server;\n    server_name _;\n    return 404;\n}}\n")
+    return out
+
+
+def render(release: Release, version: int, digest: str, options: NginxOptions = NginxOptions()) -> str:
+    head = (f"# Generated by grayagent. Do not edit: the agent replaces this file.\n"
+            f"# release {release.name} version {version} digest {digest}\n\n")
+    body: list[str] = _extraction_maps(release)
+    for index, svc in enumerate(release.services):
+        body.extend(_service_blocks(index, svc, options))
+    body.extend(_catch_all_servers(release))
+    body.append(
+        "# The agent reads this to verify which version the running workers serve.\n"
+        "server {\n"
+        f"    listen {options.verify_listen};\n"
+        "    access_log off;\n"
+        "    allow 127.0.0.0/8;\n    allow ::1;\n    deny all;\n"
+        f"    location = {VERSION_PATH} {{\n"
+        "        default_type text/plain;\n"
+        f'        return 200 "{version} {digest}\\n";\n'
+        "    }\n"
+        "    location / {\n        return 404;\n    }\n"
+        "}\n")
+    return head + "\n".join(body)

@@ -1,0 +1,134 @@
+"""One function per CLI verb. The CLI parses flags and prints; everything else happens here."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from grayagent import audit
+from grayagent.errors import InvalidDocument, Problem, UsageError
+from grayagent.model import Release, parse_document
+from grayagent.routing import Decision, Request, route
+from grayagent.stores import Store
+from grayagent.stores.base import VersionMeta, VersionRecord
+
+
+def read_file(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidDocument([Problem(path, "", exc.strerror or str(exc))]) from None
+
+
+def validate_files(paths: Iterable[str]) -> list[Problem]:
+    """Every problem in every file; empty when all are valid."""
+    problems: list[Problem] = []
+    for path in paths:
+        try:
+            parse_document(read_file(path), path)
+        except InvalidDocument as exc:
+            problems.extend(exc.problems)
+    return problems
+
+
+def publish(store: Store, path: str, author: str, message: str, expected: int | None) -> VersionMeta:
+    content = read_file(path)
+    parse_document(content, path)
+    if expected is None:
+        current = store.current()
+        expected = current.version if current else 0
+    return store.publish(content, expected, author, message)
+
+
+def show(store: Store, version: int | None) -> VersionRecord:
+    if version is None:
+        record = store.current()
+        if record is None:
+            raise UsageError(f"{store.url}: nothing has been published yet")
+        return record
+    return store.get(version)
+
+
+def diff(store: Store, a: int, b: int) -> str:
+    old, new = store.get(a), store.get(b)
+    lines = difflib.unified_diff(old.content.decode("utf-8").splitlines(keepends=True),
+                                 new.content.decode("utf-8").splitlines(keepends=True),
+                                 fromfile=f"version {a}", tofile=f"version {b}")
+    return "".join(lines)
+
+
+def revert(store: Store, version: int, author: str, message: str | None) -> VersionMeta:
+    """Publish a new version whose content equals `version`; history stays append-only."""
+    old = store.get(version)
+    parse_document(old.content, f"{store.url}#{version}")
+    current = store.current()
+    expected = current.version if current else 0
+    return store.publish(old.content, expected, author, message or f"revert to version {version}")
+
+
+def load_release(store: Store | None, version: int | None, file: str | None) -> Release:
+    if file is not None:
+        return parse_document(read_file(file), file)
+    assert store is not None
+    record = show(store, version)
+    return parse_document(record.content, f"{store.url}#{record.version}")
+
+
+def route_one(release: Release, service: str, request: Request) -> Decision:
+    try:
+        svc = release.service(service)
+    except KeyError:
+        names = ", ".join(s.name for s in release.services)
+        raise UsageError(f"--service: no service {service!r} (services: {names})") from None
+    return route(svc, request)
+
+
+def _request_from_json(data: Any, where: str) -> tuple[str, Request]:
+    if not isinstance(data, dict):
+        raise UsageError(f"{where}: expected a JSON object")
+    service = data.get("service")
+    if not isinstance(service, str):
+        raise UsageError(f"{where}: service: missing or not a string")
+    for key in ("headers", "cookies", "query"):
+        value = data.get(key, {})
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                  for k, v in value.items()):
+            raise UsageError(f"{where}: {key}: expected an object of strings")
+    for key in ("path", "source_ip", "query_string"):
+        if key in data and not isinstance(data[key], str):
+            raise UsageError(f"{where}: {key}: expected a string")
+    query: dict[str, str] | str = data.get("query") or data.get("query_string", "")
+    request = Request.build(headers=data.get("headers"), cookies=data.get("cookies"), query=query,
+                            path=data.get("path"), source_ip=data.get("source_ip"))
+    return service, request
+
+
+def route_batch(release: Release, lines: Iterable[str], source: str) -> Iterator[dict[str, Any]]:
+    """JSON lines in, one decision per line out. A bad line yields an error object, not an abort."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{source}:{lineno}"
+        try:
+            service, request = _request_from_json(json.loads(line), where)
+            yield route_one(release, service, request).as_dict()
+        except ValueError as exc:
+            yield {"error": f"{where}: invalid JSON: {exc}"}
+        except UsageError as exc:
+            yield {"error": str(exc) if str(exc).startswith(where) else f"{where}: {exc}"}
+
+
+def audit_entries(state_dir: Path) -> list[dict[str, Any]]:
+    try:
+        return audit.read_entries(state_dir)
+    except FileNotFoundError:
+        raise UsageError(f"--state-dir: {state_dir}: no audit log there") from None
+    except ValueError as exc:
+        raise InvalidDocument([Problem(str(state_dir / "audit.jsonl"), "", f"not JSON lines: {exc}")]) from None
+
+
+def audit_verify(state_dir: Path) -> list[str]:
+    return audit.verify(state_dir)
