@@ -1,0 +1,76 @@
+"""Running the agent against a test nginx, and talking HTTP through it."""
+
+from __future__ import annotations
+
+import http.client
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from grayagent.agent import Agent, AgentSettings
+from grayagent.stores.base import Store
+from grayagent.targets.nginx import NginxSettings, NginxTarget
+from tests.servers.nginx import NginxInstance
+from tests.servers.proc import wait_until
+
+
+def nginx_target(nginx: NginxInstance) -> NginxTarget:
+    return NginxTarget(NginxSettings(conf=nginx.conf, main_conf=nginx.main_conf, binary=nginx.binary,
+                                     verify_listen=nginx.verify_listen))
+
+
+@contextmanager
+def running_agent(store: Store, nginx: NginxInstance, state_dir: Path, **settings: float) -> Iterator[Agent]:
+    agent = Agent(store, nginx_target(nginx), AgentSettings(state_dir=state_dir, **settings))
+    stop = threading.Event()
+    thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        yield agent
+    finally:
+        stop.set()
+        thread.join(15)
+        assert not thread.is_alive(), "agent did not stop"
+
+
+def wait_live(nginx: NginxInstance, version: int, timeout: float = 15) -> None:
+    target = nginx_target(nginx)
+    wait_until(lambda: (target.live_version() or (0, ""))[0] == version, timeout, f"nginx to serve version {version}")
+
+
+class Client:
+    """One keep-alive connection to the proxy; returns the backend name that answered."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+        self.port = port
+        self.host = host
+        self.conn = http.client.HTTPConnection(host, port, timeout=10)
+
+    def get(self, path: str = "/", headers: dict[str, str] | list[tuple[str, str]] | None = None) -> tuple[int, str]:
+        items = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
+        for attempt in range(2):
+            try:
+                self.conn.putrequest("GET", path, skip_accept_encoding=True)
+                for k, v in items:
+                    self.conn.putheader(k, v.encode("utf-8") if isinstance(v, str) else v)
+                self.conn.endheaders()
+                resp = self.conn.getresponse()
+                body = resp.read().decode("utf-8", "replace")
+                return resp.status, body
+            except (http.client.HTTPException, ConnectionError):
+                self.conn.close()
+                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def grayagent(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "grayagent.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, check=False)
