@@ -132,10 +132,10 @@ class Agent:
         if self.on_status is not None:
             try:
                 self.on_status(self.status)
-            except Exception as exc:  # noqa: BLE001 - status reporting must never stop the agent
+            except Exception as exc:
                 log.warning("status report failed", error=str(exc))
 
-    def _read_current(self) -> VersionRecord | None | bool:
+    def _read_current(self) -> VersionRecord | bool | None:
         """The store's current record; False when the store cannot be read."""
         try:
             record = self.store.current()
@@ -174,9 +174,7 @@ class Agent:
         if key == applied and self.status.last_error is None:
             self.status.serving_from_cache = False
             self.status.healthy = True
-        elif key in self._refused:
-            pass
-        elif key in self._retry_at and self._retry_at[key][0] > self.clock():
+        elif key in self._refused or (key in self._retry_at and self._retry_at[key][0] > self.clock()):
             pass
         else:
             self._apply(record, source="store")
@@ -276,7 +274,7 @@ class Agent:
             try:
                 self.store.watch(self, stop)
                 return
-            except Exception as exc:  # noqa: BLE001 - a broken watch is restarted, never fatal
+            except Exception as exc:
                 self.store_state(False, str(exc))
                 log.warning("watch ended; restarting", error=str(exc), retry_in=delay)
                 stop.wait(delay * random.uniform(0.5, 1.0))

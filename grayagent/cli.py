@@ -175,9 +175,9 @@ def route(store_url: str | None, version: int | None, file: str | None, service:
         stream = sys.stdin if requests_file == "-" else open(requests_file, encoding="utf-8")  # noqa: SIM115
         failed = False
         with stream:
-            for decision in usecases.route_batch(release, stream, requests_file):
-                failed |= "error" in decision
-                click.echo(json.dumps(decision, ensure_ascii=False))
+            for answer in usecases.route_batch(release, stream, requests_file):
+                failed |= "error" in answer
+                click.echo(json.dumps(answer, ensure_ascii=False))
         if failed:
             sys.exit(1)
         return
@@ -264,7 +264,8 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("aborted", err=True)
         sys.exit(1)
     except click.ClickException as exc:
-        hint = f"{exc.ctx.command_path}: " if getattr(exc, "ctx", None) else "grayagent: "
+        ctx = getattr(exc, "ctx", None)
+        hint = f"{ctx.command_path}: " if ctx is not None else "grayagent: "
         click.echo(f"{hint}{exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
     except InvalidDocument as exc:

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import jsonschema
 import yaml
@@ -136,7 +136,7 @@ class _StrictLoader(yaml.SafeLoader):
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
     seen: set[Any] = set()
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark)
@@ -144,19 +144,15 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
     return loader.construct_mapping(node, deep=deep)
 
 
-def _refuse_alias(self: _StrictLoader, *args: Any, **kwargs: Any) -> Any:
-    raise yaml.composer.ComposerError(None, None, "aliases are not allowed",
-                                      self.peek_event().start_mark)  # type: ignore[no-untyped-call]
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)  # type: ignore[arg-type]
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
 class _NoAliasLoader(_StrictLoader):
-    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
-        if self.check_event(yaml.events.AliasEvent):  # type: ignore[no-untyped-call]
-            _refuse_alias(self)
-        return super().compose_node(parent, index)  # type: ignore[no-untyped-call]
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.events.AliasEvent):
+            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(None, None, "aliases are not allowed", mark)
+        return super().compose_node(parent, index)
 
 
 def _json_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -227,28 +223,31 @@ def _short(value: Any, limit: int = 60) -> str:
 def _schema_message(error: jsonschema.ValidationError) -> str:
     """jsonschema's messages quote the whole offending value (1 MB strings included); keep them short."""
     v = error.validator
+    sch: dict[str, Any] = error.schema if isinstance(error.schema, dict) else {}
+    instance: Any = error.instance
+    expected: Any = error.validator_value
     if v == "maxLength":
-        return f"longer than {error.validator_value} characters"
+        return f"longer than {expected} characters"
     if v == "minLength":
-        return "must not be empty" if error.validator_value == 1 else f"shorter than {error.validator_value}"
+        return "must not be empty" if expected == 1 else f"shorter than {expected}"
     if v == "pattern":
-        return f"{_short(error.instance)} does not match {error.validator_value}"
+        return f"{_short(instance)} does not match {expected}"
     if v == "additionalProperties":
-        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        extra = sorted(set(instance) - set(sch.get("properties", {})))
         return f"unknown field{'s' if len(extra) > 1 else ''}: {', '.join(map(str, extra))}"
     if v == "required":
-        missing = [k for k in error.validator_value if k not in error.instance]
+        missing = [k for k in expected if k not in instance]
         return f"missing required field{'s' if len(missing) > 1 else ''}: {', '.join(missing)}"
     if v == "type":
-        return f"{_short(error.instance)} is not of type {error.validator_value}"
-    if v == "maxProperties" and error.validator_value == 1:
-        return f"give exactly one of {', '.join(error.schema.get('properties', {}))}; got {', '.join(error.instance)}"
-    if v == "minProperties" and error.validator_value == 1 and "properties" in error.schema:
-        return f"give one of {', '.join(error.schema['properties'])}"
+        return f"{_short(instance)} is not of type {expected}"
+    if v == "maxProperties" and expected == 1:
+        return f"give exactly one of {', '.join(sch.get('properties', {}))}; got {', '.join(instance)}"
+    if v == "minProperties" and expected == 1 and "properties" in sch:
+        return f"give one of {', '.join(sch['properties'])}"
     if v == "const":
-        return f"must be {error.validator_value!r}"
+        return f"must be {expected!r}"
     if v in ("maxItems", "maxProperties"):
-        return f"more than {error.validator_value} entries"
+        return f"more than {expected} entries"
     message: str = error.message
     return message if len(message) <= 200 else message[:197] + "..."
 
@@ -329,7 +328,7 @@ class _Checker:
             error = check_portable_regex(value)
             if error:
                 self.problem([*path, "regex"], error)
-        return StringMatch(kind, (value,))
+        return StringMatch(cast(MatchKind, kind), (value,))
 
     def rule(self, raw: dict[str, Any], path: list[str | int], upstreams: set[str]) -> Rule:
         match = raw["match"]
@@ -412,12 +411,13 @@ class _Checker:
             seen.add(raw["name"])
             svc = self.service(raw, path)
             for host in svc.hosts or ("",):
-                # A listen port is one socket in the proxy; two services may share it only with distinct hosts.
+                # One listen port is one socket in the proxy: services may share it only with distinct hosts.
                 binding = (svc.listen.port, host)
                 if binding in bindings:
                     shown = f"host {host!r}" if host else "no hosts (catch-all)"
+                    owner = bindings[binding]
                     self.problem([*path, "hosts" if host else "listen"],
-                                 f"port {svc.listen.port} with {shown} is already used by service {bindings[binding]!r}")
+                                 f"port {svc.listen.port} with {shown} is already used by service {owner!r}")
                 bindings[binding] = svc.name
             services.append(svc)
         return Release(data["metadata"]["name"], tuple(services))

@@ -6,15 +6,14 @@ ASCII and uses no construct that one of the three engines lacks or reads differe
 
 from __future__ import annotations
 
+import importlib
 import re
 from typing import Any
 
-try:  # Python 3.11+ keeps the parser private; it is the same module as the deprecated sre_parse.
-    import re._constants as _c
-    import re._parser as _p
-except ImportError:  # pragma: no cover
-    import sre_constants as _c  # type: ignore[no-redef]
-    import sre_parse as _p  # type: ignore[no-redef]
+# Python 3.11+ keeps the regex parser private (it is the deprecated sre_parse); it is the only way to see
+# a pattern's structure with exactly the parser `re` uses.
+_c: Any = importlib.import_module("re._constants")
+_p: Any = importlib.import_module("re._parser")
 
 _REFUSED_OPS: dict[Any, str] = {
     _c.ASSERT: "lookaround is not supported by RE2",

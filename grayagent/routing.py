@@ -99,7 +99,7 @@ class Request:
         """Assemble a request from parts, the way a client would send them."""
         merged: dict[str, str] = {}
         for name, value in (headers or {}).items():
-            merged.setdefault(name.lower(), value)
+            merged.setdefault(name.lower(), value.strip(" \t"))  # proxies strip optional whitespace (RFC 9110)
         if cookies:
             joined = "; ".join(f"{k}={v}" for k, v in cookies.items())
             merged["cookie"] = f"{merged['cookie']}; {joined}" if merged.get("cookie") else joined

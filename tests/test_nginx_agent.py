@@ -11,8 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from grayagent.audit import verify
 from grayagent.model import parse_document
 from grayagent.routing import Request, route
@@ -44,7 +42,7 @@ def test_publish_serves_split_and_rules_end_to_end(tmp_path: Path, nginx, backen
         wait_live(nginx, 1)
         client = Client(port)
         counts: dict[str, int] = {}
-        for i in range(3000):
+        for _ in range(3000):
             uid = f"user-{random.getrandbits(40)}"
             status, body = client.get("/", {"X-User-Id": uid})
             assert status == 200

@@ -71,7 +71,7 @@ def poll_until(check: Callable[[], bool], timeout: float, interval: float = 0.02
         try:
             if check():
                 return True
-        except Exception:  # noqa: S110, BLE001 - a proxy mid-reload refuses or resets; keep polling
+        except Exception:  # noqa: S110 - a proxy mid-reload refuses or resets; keep polling
             pass
         if time.monotonic() >= deadline:
             return False

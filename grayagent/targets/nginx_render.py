@@ -94,7 +94,8 @@ def _service_blocks(index: int, svc: Service, options: NginxOptions) -> list[str
     out: list[str] = [f"# ---- service {svc.name} (variables ${var}_*)\n"]
     for up in svc.upstreams:
         servers = "".join(f"    server {s};\n" for s in up.servers)
-        out.append(f"upstream {upstream_block_name(svc, up.name)} {{\n{servers}    keepalive {options.keepalive};\n}}\n")
+        name = upstream_block_name(svc, up.name)
+        out.append(f"upstream {name} {{\n{servers}    keepalive {options.keepalive};\n}}\n")
 
     bits: list[str] = []
     rule_patterns: list[tuple[str, str, str]] = []  # (regex over the bits, upstream, rule name)
