@@ -258,8 +258,8 @@ class Agent:
             # Coalesce: one apply per interval, of whatever is newest once the burst settles.
             hold = self._last_apply + self.settings.min_apply_interval - self.clock()
             if hold > 0:
-                stop.wait(hold)
-            stop.wait(self.settings.settle)
+                # Inside a burst: wait out the interval, then let the burst's tail land.
+                stop.wait(hold + self.settings.settle)
             self._wake.clear()
             self.sync()
             if ready is not None and self.status.applied_version is not None:

@@ -13,7 +13,7 @@ import ipaddress
 import random
 import re
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -93,13 +93,22 @@ class Request:
     source_ip: str | None = None
 
     @classmethod
-    def build(cls, headers: Mapping[str, str] | None = None, cookies: Mapping[str, str] | None = None,
-              query: Mapping[str, str] | str | None = None, path: str | None = None,
-              source_ip: str | None = None) -> Request:
-        """Assemble a request from parts, the way a client would send them."""
+    def build(cls, headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+              cookies: Mapping[str, str] | None = None, query: Mapping[str, str] | str | None = None,
+              path: str | None = None, source_ip: str | None = None) -> Request:
+        """Assemble a request from parts, the way a client would send them.
+
+        Headers may repeat when given as pairs: the first value counts, except that Cookie headers are
+        joined with "; " as nginx does. Values lose leading and trailing spaces and tabs, as in both proxies.
+        """
         merged: dict[str, str] = {}
-        for name, value in (headers or {}).items():
-            merged.setdefault(name.lower(), value.strip(" \t"))  # proxies strip optional whitespace (RFC 9110)
+        pairs = headers.items() if isinstance(headers, Mapping) else (headers or ())
+        for name, raw in pairs:
+            key, value = name.lower(), raw.strip(" \t")
+            if key == "cookie" and key in merged:
+                merged["cookie"] = f"{merged['cookie']}; {value}"
+            else:
+                merged.setdefault(key, value)
         if cookies:
             joined = "; ".join(f"{k}={v}" for k, v in cookies.items())
             merged["cookie"] = f"{merged['cookie']}; {joined}" if merged.get("cookie") else joined

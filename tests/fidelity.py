@@ -51,11 +51,6 @@ class FidelityRequest:
     path: str = "/"
     headers: list[tuple[str, str]] = field(default_factory=list)
 
-    def header_dict(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for k, v in self.headers:
-            out.setdefault(k, v)
-        return out
 
 
 def _pick(rng: random.Random, *options: Any) -> Any:
@@ -98,6 +93,9 @@ def requests(n: int, seed: int = 20261126) -> list[FidelityRequest]:
             cookies = [f"uid={cookie_key}"]
             if rng.random() < 0.15:
                 cookies.insert(rng.randrange(2), _pick(rng, "exp.group=g1", "exp.group=h", "exp_group=g", "xuid=9"))
-            req.headers.append(("Cookie", "; ".join(cookies) if rng.random() < 0.95 else ""))
+            if rng.random() < 0.1:  # two Cookie headers: nginx joins them
+                req.headers.extend(("Cookie", c) for c in cookies)
+            else:
+                req.headers.append(("Cookie", "; ".join(cookies) if rng.random() < 0.95 else ""))
         out.append(req)
     return out

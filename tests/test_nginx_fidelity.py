@@ -58,7 +58,7 @@ def test_nginx_agrees_with_simulator_on_10000_requests(tmp_path: Path, nginx, ba
     expected = []
     for req in reqs:
         path, _, query = req.path.partition("?")
-        request = Request.build(headers=req.header_dict(), path=path, query=query, source_ip="127.0.0.1")
+        request = Request.build(headers=req.headers, path=path, query=query, source_ip="127.0.0.1")
         expected.append(route(release.service(req.service), request))
     got = _send_all(reqs, ports)
     mismatches = [(r, e, g) for r, e, g in zip(reqs, expected, got, strict=True) if e.upstream != g]

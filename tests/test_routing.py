@@ -98,3 +98,10 @@ def test_random_split_shares_match_weights() -> None:
     expected = {"a": 0.125 * n, "b": 0.375 * n, "c": 0.5 * n}
     chi2 = sum((counts[k] - e) ** 2 / e for k, e in expected.items())
     assert chi2 < 13.8, (counts, chi2)
+
+
+def test_repeated_cookie_headers_are_joined_like_nginx() -> None:
+    from grayagent.model import Field
+    req = Request.build(headers=[("Cookie", ""), ("cookie", "uid=2"), ("X-A", "first"), ("X-A", "second")])
+    assert field_value(Field("cookie", "uid"), req) == "2"
+    assert field_value(Field("header", "x-a"), req) == "first"
