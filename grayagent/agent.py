@@ -29,7 +29,7 @@ from grayagent.audit import AuditLog
 from grayagent.errors import GrayagentError, InvalidDocument
 from grayagent.fsutil import RENDERED_MODE, atomic_write
 from grayagent.model import parse_document
-from grayagent.stores.base import Store, VersionMeta, VersionRecord, digest_of, utc_now
+from grayagent.stores.base import FleetStatus, Store, VersionMeta, VersionRecord, digest_of, utc_now
 from grayagent.targets.base import Target
 
 log = structlog.get_logger("grayagent.agent")
@@ -69,6 +69,49 @@ class AgentStatus:
         return dict(self.__dict__)
 
 
+class StatusReporter:
+    """Sends the newest status to a store that keeps fleet status, from its own thread.
+
+    The main loop must never wait on the store: with etcd down a report could block for the whole retry
+    budget. Only the latest status matters, so older unsent ones are dropped; it re-reports periodically so
+    an entry lost with an expired lease comes back.
+    """
+
+    def __init__(self, fleet: FleetStatus, host: str, every: float = 10.0) -> None:
+        self.fleet = fleet
+        self.host = host
+        self.every = every
+        self._latest: dict[str, Any] | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="status-reporter", daemon=True)
+
+    def start(self) -> StatusReporter:
+        self._thread.start()
+        return self
+
+    def submit(self, status: AgentStatus) -> None:
+        self._latest = status.as_dict()
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.every)
+            self._wake.clear()
+            latest = self._latest
+            if latest is None or self._stop.is_set():
+                continue
+            try:
+                self.fleet.report(self.host, latest)
+            except Exception as exc:  # reporting must never stop the agent
+                log.warning("status report failed", error=str(exc))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+
 def save_cache(state_dir: Path, record: VersionRecord) -> None:
     entry = {**record.meta.as_dict(), "content": record.content.decode("utf-8")}
     atomic_write(state_dir / CACHE_FILE, json.dumps(entry, ensure_ascii=False).encode(), RENDERED_MODE)
@@ -102,6 +145,7 @@ class Agent:
         self.audit = AuditLog(settings.state_dir)
         self.status = AgentStatus(host=settings.host, target=target.name)
         self.on_status = on_status
+        self.reporter = StatusReporter(store, settings.host) if isinstance(store, FleetStatus) else None
         self._wake = threading.Event()
         self._refused: set[tuple[int, str]] = set()
         self._retry_at: dict[tuple[int, str], tuple[float, float]] = {}  # key -> (due, current delay)
@@ -129,6 +173,8 @@ class Agent:
                          json.dumps(self.status.as_dict(), indent=1).encode(), RENDERED_MODE)
         except OSError as exc:
             log.warning("could not write status", error=str(exc))
+        if self.reporter is not None:
+            self.reporter.submit(self.status)
         if self.on_status is not None:
             try:
                 self.on_status(self.status)
@@ -244,6 +290,8 @@ class Agent:
             heartbeat: Callable[[], None] | None = None) -> None:
         watcher = threading.Thread(target=self._watch, args=(stop,), name="store-watch", daemon=True)
         watcher.start()
+        if self.reporter is not None:
+            self.reporter.start()
         self.audit.append("start", target=self.target.name, store=self.store.url, host=self.settings.host)
         self.sync()
         if ready is not None and self.status.applied_version is not None:
@@ -266,6 +314,8 @@ class Agent:
                 ready()
                 ready = None
         self.audit.append("stop", target=self.target.name)
+        if self.reporter is not None:
+            self.reporter.stop()
         watcher.join(timeout=5)
 
     def _watch(self, stop: threading.Event) -> None:

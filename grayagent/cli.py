@@ -224,6 +224,30 @@ def agent(store_url: str | None, target: str, nginx_conf: Path | None, nginx_mai
     runner.run(stop)
 
 
+@cli.command()
+@_store_option()
+@click.option("--wait", "wait_seconds", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="Block until every agent serves the current version, or the time runs out (exit 1).")
+@OUTPUT
+def status(store_url: str | None, wait_seconds: float | None, output: str) -> None:
+    """Every agent's applied version and health, and whether the fleet has converged (exit 0) or not (1)."""
+    store = _open(store_url)
+    report = (usecases.wait_for_convergence(store, wait_seconds) if wait_seconds is not None
+              else usecases.fleet_status(store))
+    if output == "json":
+        click.echo(json.dumps(report))
+    else:
+        state = "converged" if report["converged"] else "NOT converged"
+        click.echo(f"current version {report['current_version']}: {len(report['agents'])} agents, {state}")
+        for a in report["agents"]:
+            error = f"  error: {a['last_error']}" if a.get("last_error") else ""
+            reach = "" if a.get("store_reachable") else "  store unreachable"
+            click.echo(f"  {a.get('host')!s:30} version {a.get('applied_version')!s:>6}  "
+                       f"{'healthy' if a.get('healthy') else 'UNHEALTHY'}{reach}{error}")
+    if not report["converged"]:
+        sys.exit(1)
+
+
 @cli.group(name="audit")
 def audit_group() -> None:
     """Read and verify the agent's audit log."""

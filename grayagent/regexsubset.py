@@ -32,6 +32,16 @@ _REFUSED_AT = {
 }
 _ALLOWED_FLAGS = re.IGNORECASE | re.MULTILINE | re.DOTALL
 MAX_REPEAT = 1000  # RE2's limit on {n,m}
+_LITERAL_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_/:@-")
+
+
+def regex_literal(value: str) -> str:
+    """A regex fragment matching exactly the UTF-8 bytes of `value`, in printable ASCII.
+
+    Every other byte becomes `\\xHH`, which means that byte in Python `re` on bytes, in nginx's non-UTF
+    PCRE and in Envoy's RE2 (which runs on bytes, Latin-1, as measured in docs/notes/envoy-probe.md).
+    """
+    return "".join(chr(b) if b in _LITERAL_SAFE else f"\\x{b:02x}" for b in value.encode("utf-8", "surrogateescape"))
 
 
 def _walk(items: Any) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from grayagent.errors import InvalidDocument, Problem, UsageError
 from grayagent.model import Release, parse_document
 from grayagent.routing import Decision, Request, route
 from grayagent.stores import Store
-from grayagent.stores.base import VersionMeta, VersionRecord
+from grayagent.stores.base import FleetStatus, VersionMeta, VersionRecord
 
 
 def read_file(path: str) -> bytes:
@@ -132,3 +133,23 @@ def audit_entries(state_dir: Path) -> list[dict[str, Any]]:
 
 def audit_verify(state_dir: Path) -> list[str]:
     return audit.verify(state_dir)
+
+
+def fleet_status(store: Store) -> dict[str, Any]:
+    """Every live agent and whether all of them serve the current version, healthy."""
+    if not isinstance(store, FleetStatus):
+        raise UsageError(f"--store: {store.url}: this store keeps no fleet status")
+    current = store.current()
+    agents = store.fleet()
+    version = current.version if current else None
+    converged = bool(agents) and all(a.get("applied_version") == version and a.get("healthy") for a in agents)
+    return {"current_version": version, "converged": converged, "agents": agents}
+
+
+def wait_for_convergence(store: Store, seconds: float, poll: float = 0.5) -> dict[str, Any]:
+    deadline = time.monotonic() + seconds
+    while True:
+        status = fleet_status(store)
+        if status["converged"] or time.monotonic() >= deadline:
+            return status
+        time.sleep(min(poll, max(0.0, deadline - time.monotonic())))

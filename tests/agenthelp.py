@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from grayagent.agent import Agent, AgentSettings
 from grayagent.stores.base import Store
@@ -17,14 +18,16 @@ from tests.servers.nginx import NginxInstance
 from tests.servers.proc import wait_until
 
 
-def nginx_target(nginx: NginxInstance) -> NginxTarget:
+def nginx_target(nginx: NginxInstance, reuseport: bool = False) -> NginxTarget:
     return NginxTarget(NginxSettings(conf=nginx.conf, main_conf=nginx.main_conf, binary=nginx.binary,
-                                     verify_listen=nginx.verify_listen))
+                                     verify_listen=nginx.verify_listen, reuseport=reuseport))
 
 
 @contextmanager
-def running_agent(store: Store, nginx: NginxInstance, state_dir: Path, **settings: float) -> Iterator[Agent]:
-    agent = Agent(store, nginx_target(nginx), AgentSettings(state_dir=state_dir, **settings))
+def running_agent(store: Store, nginx: NginxInstance, state_dir: Path, reuseport: bool = False,
+                  **settings: Any) -> Iterator[Agent]:
+    """An agent thread; `reuseport` lets several test gateways on this one host share service ports."""
+    agent = Agent(store, nginx_target(nginx, reuseport), AgentSettings(state_dir=state_dir, **settings))
     stop = threading.Event()
     thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
     thread.start()

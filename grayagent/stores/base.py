@@ -82,3 +82,14 @@ class Store(Protocol):
 
     def close(self) -> None:
         """Release connections."""
+
+
+@runtime_checkable
+class FleetStatus(Protocol):
+    """Optional: stores that can hold each agent's status, for `grayagent status`."""
+
+    def report(self, host: str, status: dict[str, object]) -> None:
+        """Record this host's status; it disappears when the agent stops reporting."""
+
+    def fleet(self) -> list[dict[str, object]]:
+        """The live agents' statuses, sorted by host."""

@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from grayagent.fsutil import atomic_write, create_exclusive
 from grayagent.stores.base import VersionMeta, VersionRecord, WatchHandler, digest_of, utc_now
 
 SAFETY_POLL_SECONDS = 2.0  # inotify can miss events (NFS, overlay mounts); a cheap re-check covers it
+AGENT_ENTRY_TTL = 90.0  # agents re-report at least every 30 s (the resync interval)
 
 
 def path_from_url(url: str) -> Path:
@@ -168,5 +170,26 @@ class FileStore:
                 observer.stop()
                 observer.join(timeout=5)
 
+    # ------------------------------------------------------------------ fleet status
+
+    def report(self, host: str, status: dict[str, object]) -> None:
+        """agents/<host>.json with an expiry, since a directory has no leases."""
+        entry = {**status, "host": host, "expires_unix": time.time() + AGENT_ENTRY_TTL}
+        atomic_write(self.root / "agents" / f"{_safe_host(host)}.json", json.dumps(entry, sort_keys=True).encode())
+
+    def fleet(self) -> list[dict[str, object]]:
+        now = time.time()
+        out = []
+        for path in sorted((self.root / "agents").glob("*.json")):
+            with contextlib.suppress(OSError, ValueError):
+                entry = json.loads(path.read_bytes())
+                if isinstance(entry, dict) and float(entry.get("expires_unix", 0)) > now:
+                    out.append(entry)
+        return out
+
     def close(self) -> None:
         pass
+
+
+def _safe_host(host: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in host)[:200] or "_"

@@ -20,6 +20,7 @@ class NginxSettings:
     binary: str = "nginx"
     verify_listen: str = "127.0.0.1:18089"
     verify_timeout: float = 5.0
+    reuseport: bool = False
 
 
 def _first_error(output: str) -> str:
@@ -35,7 +36,7 @@ class NginxTarget:
 
     def __init__(self, settings: NginxSettings) -> None:
         self.settings = settings
-        self.options = NginxOptions(verify_listen=settings.verify_listen)
+        self.options = NginxOptions(verify_listen=settings.verify_listen, reuseport=settings.reuseport)
 
     def render(self, release: Release, version: int, digest: str) -> RenderedFiles:
         return {self.settings.conf.name: render(release, version, digest, self.options).encode("ascii")}
