@@ -120,7 +120,8 @@ def _service_blocks(index: int, svc: Service, options: NginxOptions, first_on_li
         parts = split_parts(split)
         if len(parts) == 1:
             fallback = upstream_block_name(svc, parts[0].upstream)
-            key_missing = fallback
+            if split.key is None or split.when_key_missing == "random":
+                key_missing = fallback  # with a key, a missing one still means the default upstream
         else:
             lines = "".join(
                 f"    {'*' if p.boundary is None else f'{p.hundredths // 100}.{p.hundredths % 100:02d}%'} "
