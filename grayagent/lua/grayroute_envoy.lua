@@ -1,0 +1,71 @@
+-- grayroute_envoy: the Envoy Lua filter adapter. The renderer (grayagent/targets/envoy_render.py)
+-- prepends `local grayroute = <grayroute_core.lua>` and `local PREFIX, SERVICES = <config>`.
+--
+-- Per request it publishes, for the Envoy route entries to match on (all names under PREFIX, whose
+-- client-sent copies the listener's early header mutation has already removed):
+--   <PREFIX>in-<i>     the value of the service's i-th input field, only when non-empty (empty = absent);
+--   <PREFIX>cidr-<i>   "1" when the direct peer is in the service's i-th sourceCIDRs list;
+--   <PREFIX>split      the split's upstream (or the default one), set LAST: every rule and split route
+--                      requires it, so a script that fails half-way falls through to the default route.
+-- The route entry selected before this runs (the catch-all) names the service in its metadata.
+
+local first_value = function(headers, name)
+  -- Envoy keeps each occurrence of a custom header; the first one counts (nginx's $http_NAME).
+  if name == "host" then name = ":authority" end
+  return headers:getAtIndex(name, 0) or ""
+end
+
+local function joined_cookie(headers)
+  -- nginx 1.22 joins repeated Cookie headers with "; " into $http_cookie.
+  local n = headers:getNumValues("cookie")
+  if n == 0 then return "" end
+  if n == 1 then return headers:getAtIndex("cookie", 0) or "" end
+  local parts = {}
+  for i = 0, n - 1 do parts[#parts + 1] = headers:getAtIndex("cookie", i) or "" end
+  return table.concat(parts, "; ")
+end
+
+local function field_value(headers, field, req)
+  local kind = field[1]
+  if kind == "header" then return first_value(headers, field[2]) end
+  if kind == "path" then return req.path end
+  if kind == "cookie" then
+    if req.cookie == nil then req.cookie = joined_cookie(headers) end
+    return grayroute.cookie_value(req.cookie, field[2])
+  end
+  return grayroute.query_value(req.query, field[2])
+end
+
+function envoy_on_request(handle)
+  local meta = handle:metadata()
+  local svc = SERVICES[meta:get("service") or ""]
+  if svc == nil then return end
+  local headers = handle:headers()
+  local req = {}
+  req.path, req.query = grayroute.split_target(headers:get(":path") or "")
+
+  -- Read every value before writing any header.
+  local values = {}
+  for i, field in ipairs(svc.inputs) do values[i] = field_value(headers, field, req) end
+  local hits = {}
+  if #svc.cidrs > 0 then
+    local peer = grayroute.parse_peer(handle:streamInfo():downstreamDirectRemoteAddress())
+    for i, list in ipairs(svc.cidrs) do hits[i] = grayroute.in_cidrs(list, peer) end
+  end
+  local upstream = svc.default
+  if svc.split ~= nil then
+    local key = ""
+    if svc.split.key ~= nil then key = field_value(headers, svc.split.key, req) end
+    upstream = grayroute.split_upstream(svc.split, key) or svc.default
+  end
+
+  for i = 1, #values do
+    if values[i] ~= "" then headers:replace(PREFIX .. "in-" .. i, values[i]) end
+  end
+  for i = 1, #hits do
+    if hits[i] then headers:replace(PREFIX .. "cidr-" .. i, "1") end
+  end
+  headers:replace(PREFIX .. "split", upstream)
+  -- Select the route again, now on our headers.
+  handle:clearRouteCache()
+end

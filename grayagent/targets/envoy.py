@@ -1,0 +1,263 @@
+"""The Envoy target: validate the candidate, swap the LDS/CDS/RDS files in a safe order, confirm each one
+through the admin endpoint, and restore the last-good files on any failure.
+
+Envoy watches lds/, cds/ and rds/ under the Envoy dir and re-reads a file when one is renamed into its
+directory. Every file of one apply carries the same version_info, which Envoy reports back as the
+`version_text` stat once it has accepted the file; a rejected file raises `update_rejected` (or
+`update_failure` when it cannot be parsed) and Envoy keeps serving what it had.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from grayagent.fsutil import atomic_write
+from grayagent.model import Release
+from grayagent.targets.base import ApplyResult, RenderedFiles, StepFailed, http_get, run_command
+from grayagent.targets.envoy_render import (
+    CDS_FILE,
+    LDS_FILE,
+    RDS_DIR,
+    EnvoyOptions,
+    empty_files,
+    parse_label,
+    rds_stat,
+    render,
+    validation_bootstrap,
+)
+
+LDS_STATS = "listener_manager.lds"
+CDS_STATS = "cluster_manager.cds"
+_STATS_FILTER = (r"^(listener_manager\.lds|cluster_manager\.cds|http\.grayagent_[a-z0-9_]+\.rds\.grayagent_[a-z0-9_]+)"
+                 r"\.(version_text|update_attempt|update_rejected|update_failure)$")
+Stats = dict[str, int | str]
+
+
+@dataclass(frozen=True)
+class EnvoySettings:
+    envoy_dir: Path                        # lds/, cds/ and rds/ live here; the bootstrap points at them
+    admin_url: str = "http://127.0.0.1:9901"
+    binary: str = "envoy"
+    verify_timeout: float = 10.0           # per file: how long Envoy may take to accept it
+    validate_timeout: float = 120.0
+
+
+def _version_info(content: bytes) -> str:
+    label = json.loads(content).get("version_info", "")
+    return label if isinstance(label, str) else ""
+
+
+def _resource_names(content: bytes | None) -> list[str]:
+    if content is None:
+        return []
+    return [str(r.get("name", "")) for r in json.loads(content).get("resources", [])]
+
+
+def _subscription(path: str) -> str:
+    """The stats prefix of the subscription that reads `path`."""
+    if path == LDS_FILE:
+        return LDS_STATS
+    if path == CDS_FILE:
+        return CDS_STATS
+    return rds_stat(Path(path).stem).removesuffix(".version_text")
+
+
+def _first_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.strip()]
+    for line in lines:
+        if "[critical]" in line or "[error]" in line:
+            return line.split("] ", 1)[-1].split("]: ", 1)[-1].strip()[:500]
+    return lines[-1].strip()[:500] if lines else "no output"
+
+
+class EnvoyTarget:
+    name = "envoy"
+
+    def __init__(self, settings: EnvoySettings) -> None:
+        self.settings = settings
+        self.dir = settings.envoy_dir.absolute()
+        self.options = EnvoyOptions(envoy_dir=str(self.dir))
+
+    def render(self, release: Release, version: int, digest: str) -> RenderedFiles:
+        return render(release, version, digest, self.options)
+
+    # ------------------------------------------------------------------ files
+
+    def prepare(self) -> None:
+        """Create the watched directories, and empty LDS/CDS files if there are none (Envoy needs them)."""
+        for sub in ("lds", "cds", RDS_DIR):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True, mode=0o750)
+        for path, content in empty_files().items():
+            if not (self.dir / path).exists():
+                atomic_write(self.dir / path, content)
+
+    def installed(self) -> dict[str, bytes]:
+        """The files Envoy reads now (ours only: no temp files)."""
+        out: dict[str, bytes] = {}
+        for path in (LDS_FILE, CDS_FILE):
+            with contextlib.suppress(FileNotFoundError):
+                out[path] = (self.dir / path).read_bytes()
+        with contextlib.suppress(FileNotFoundError):
+            for entry in sorted((self.dir / RDS_DIR).iterdir()):
+                if entry.name.endswith(".json") and not entry.name.startswith("."):
+                    out[f"{RDS_DIR}/{entry.name}"] = entry.read_bytes()
+        return out
+
+    # ------------------------------------------------------------------ admin
+
+    def _stats(self) -> Stats:
+        url = f"{self.settings.admin_url.rstrip('/')}/stats?format=json&filter={urllib.parse.quote(_STATS_FILTER)}"
+        try:
+            status, body = http_get(url, timeout=2.0)
+        except OSError as exc:
+            raise StepFailed(f"envoy admin {self.settings.admin_url} unreachable: {exc}") from None
+        if status != 200:
+            raise StepFailed(f"envoy admin answered {status} for /stats")
+        out: Stats = {}
+        for entry in json.loads(body).get("stats", []):
+            if "name" in entry and "value" in entry:
+                out[entry["name"]] = entry["value"]
+        return out
+
+    def live_version(self) -> tuple[int, str] | None:
+        """The version whose LDS, CDS and every RDS file Envoy has accepted; None when they disagree."""
+        try:
+            stats = self._stats()
+            lds = (self.dir / LDS_FILE).read_bytes()
+        except (StepFailed, OSError):
+            return None
+        label = stats.get(f"{LDS_STATS}.version_text")
+        if not isinstance(label, str) or stats.get(f"{CDS_STATS}.version_text") != label:
+            return None
+        if any(stats.get(rds_stat(name)) != label for name in _resource_names(lds)):
+            return None
+        return parse_label(label)
+
+    # ------------------------------------------------------------------ steps
+
+    def _validate(self, files: RenderedFiles) -> None:
+        candidate = self.dir / f".validate-{os.getpid()}.json"
+        try:
+            atomic_write(candidate, validation_bootstrap(files))
+            done = run_command([self.settings.binary, "--mode", "validate", "-c", str(candidate),
+                                "--disable-hot-restart", "-l", "error"], timeout=self.settings.validate_timeout)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                candidate.unlink()
+        if done.returncode != 0:
+            raise StepFailed(f"envoy --mode validate failed: {_first_line(done.stderr + done.stdout)}")
+
+    def _write_and_confirm(self, path: str, content: bytes, confirm: bool = True) -> None:
+        """Rename `content` into place; with `confirm`, wait until its subscription has read and accepted it."""
+        sub = _subscription(path)
+        before = self._stats() if confirm else {}
+        atomic_write(self.dir / path, content)
+        if confirm:
+            self._await(sub, _version_info(content), before)
+
+    def _await(self, sub: str, label: str, before: Stats | None) -> None:
+        """Wait until subscription `sub` reports `label`. With `before`, it must also have re-read the file
+        since then (the label alone cannot tell a re-apply of the same version), and not rejected it."""
+        deadline = time.monotonic() + self.settings.verify_timeout
+        seen: Stats = {}
+        while True:
+            with contextlib.suppress(StepFailed):
+                seen = self._stats()
+            if before is not None:
+                for counter, what in (("update_rejected", "rejected"), ("update_failure", "could not read")):
+                    if int(seen.get(f"{sub}.{counter}", 0)) > int(before.get(f"{sub}.{counter}", 0)):
+                        raise StepFailed(f"envoy {what} {sub.split('.')[-1] if sub.startswith('http.') else sub} "
+                                         f"version {label} ({sub}.{counter}; see envoy's log)")
+            attempted = before is None or (int(seen.get(f"{sub}.update_attempt", 0))
+                                           > int(before.get(f"{sub}.update_attempt", 0)))
+            if attempted and seen.get(f"{sub}.version_text") == label:
+                return
+            if time.monotonic() >= deadline:
+                shown = seen.get(f"{sub}.version_text", "nothing")
+                raise StepFailed(f"envoy did not accept {sub} version {label} within "
+                                 f"{self.settings.verify_timeout:.0f}s (it reports {shown})")
+            time.sleep(0.005)
+
+    def _install(self, old: Mapping[str, bytes], new: Mapping[str, bytes]) -> None:
+        """Move Envoy from `old` files to `new` so that no route ever names a cluster Envoy lacks:
+        clusters (old and new together) -> routes -> listeners -> routes of new listeners -> drop the rest."""
+        old_clusters = set(_resource_names(old.get(CDS_FILE)))
+        new_clusters = set(_resource_names(new[CDS_FILE]))
+        cds = new[CDS_FILE]
+        if old_clusters - new_clusters:
+            # Old routes still name the removed clusters until the new routes are in.
+            union = json.loads(old[CDS_FILE])["resources"] + json.loads(new[CDS_FILE])["resources"]
+            merged = {c["name"]: c for c in union}
+            cds = json.dumps({"version_info": _version_info(new[CDS_FILE]) + "+old",
+                              "resources": [merged[k] for k in sorted(merged)]}, sort_keys=True).encode()
+        if old.get(CDS_FILE) != cds:
+            self._write_and_confirm(CDS_FILE, cds)
+        old_listeners = set(_resource_names(old.get(LDS_FILE)))
+        later: list[str] = []
+        for path, content in new.items():
+            if not path.startswith(RDS_DIR + "/") or old.get(path) == content:
+                continue
+            exists = Path(path).stem in old_listeners
+            self._write_and_confirm(path, content, confirm=exists)
+            if not exists:
+                later.append(path)
+        if old.get(LDS_FILE) != new[LDS_FILE]:
+            self._write_and_confirm(LDS_FILE, new[LDS_FILE])
+        for path in later:  # a new listener reads its routes when it is created
+            self._await(_subscription(path), _version_info(new[path]), None)
+        for path in old:
+            if path.startswith(RDS_DIR + "/") and path not in new:
+                (self.dir / path).unlink(missing_ok=True)
+        if cds != new[CDS_FILE]:
+            self._write_and_confirm(CDS_FILE, new[CDS_FILE])
+
+    def apply(self, files: RenderedFiles, version: int, digest: str) -> ApplyResult:
+        result = ApplyResult(ok=False)
+        try:
+            self.prepare()
+            previous = self.installed()
+        except OSError as exc:
+            result.error = f"cannot read {self.dir}: {exc}"
+            return result
+        if previous == files and self.live_version() == (version, digest):
+            result.ok = True
+            return result
+        try:
+            with result.step("validate"):
+                self._validate(files)
+        except (StepFailed, OSError) as exc:
+            result.error = str(exc)  # nothing was touched
+            return result
+        try:
+            with result.step("swap"):
+                result.reloaded = True
+                self._install(previous, files)
+            with result.step("verify"):
+                live = self.live_version()
+                if live != (version, digest):
+                    raise StepFailed(f"envoy accepted every file but reports version {live[0] if live else None}")
+        except (StepFailed, OSError) as exc:
+            result.error = str(exc)
+            self._restore(previous, result)
+            return result
+        result.ok = True
+        return result
+
+    def _restore(self, previous: dict[str, bytes], result: ApplyResult) -> None:
+        """Put the last-good files back, in the same safe order, and wait until Envoy serves them again."""
+        if CDS_FILE not in previous or LDS_FILE not in previous:
+            previous = {**previous, **empty_files()}
+        with result.step("restore"):
+            try:
+                # From whatever mix is in place now: the failed attempt's files up to where it stopped.
+                self._install(self.installed(), previous)
+                result.restored = True
+            except (StepFailed, OSError) as exc:
+                result.error = f"{result.error}; restoring last-good also failed: {exc}"
