@@ -151,3 +151,62 @@ class EnvoyProcess:
 def _re_escape(name: str) -> str:
     # Envoy's stats filter is an RE2 regex.
     return "".join("\\" + c if c in ".^$*+?()[]{}|\\" else c for c in name)
+
+
+# -- the shipped bootstrap, pointed at a test directory --------------------------------------------
+
+SHIPPED_BOOTSTRAP = Path(__file__).resolve().parents[2] / "deploy" / "envoy" / "bootstrap.yaml"
+
+
+def shipped_bootstrap(envoy_dir: Path, admin_port: int) -> dict:  # type: ignore[type-arg]
+    """deploy/envoy/bootstrap.yaml with its directories moved under `envoy_dir` and the admin port changed.
+
+    Tests start Envoy from this, so what they exercise is what operators run."""
+    import yaml
+
+    text = SHIPPED_BOOTSTRAP.read_text().replace("/var/lib/grayagent/envoy", str(envoy_dir))
+    data = yaml.safe_load(text)
+    data["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    return data  # type: ignore[no-any-return]
+
+
+class EnvoyInstance:
+    """An Envoy started from the shipped bootstrap, reading LDS/CDS/RDS files under `root/envoy`."""
+
+    def __init__(self, root: Path, concurrency: int = 2) -> None:
+        from tests.servers.proc import free_port
+
+        self.root = Path(root)
+        self.envoy_dir = self.root / "envoy"
+        self.admin_port = free_port()
+        self.bootstrap = self.root / "bootstrap.json"
+        self.concurrency = concurrency
+        self.process: EnvoyProcess | None = None
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def start(self) -> EnvoyInstance:
+        from grayagent.targets.envoy import EnvoySettings, EnvoyTarget
+
+        EnvoyTarget(EnvoySettings(self.envoy_dir)).prepare()
+        self.bootstrap.write_text(json.dumps(shipped_bootstrap(self.envoy_dir, self.admin_port)))
+        self.process = EnvoyProcess(self.bootstrap, self.admin_port, self.root, concurrency=self.concurrency,
+                                    extra_args=("--reject-unknown-dynamic-fields",)).start()
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+    def stat(self, name: str) -> StatValue | None:
+        assert self.process is not None
+        return self.process.stat(name)
+
+    def stats(self, filter_regex: str | None = None) -> dict[str, StatValue]:
+        assert self.process is not None
+        return self.process.stats(filter_regex)
+
+    def log_tail(self, lines: int = 40) -> str:
+        return self.process.log_tail(lines) if self.process is not None else ""
