@@ -8,8 +8,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from grayagent.agent import Agent, AgentSettings
 from grayagent.stores.base import Store
 from grayagent.targets.base import Target
@@ -18,8 +16,8 @@ from tests.servers.envoy import EnvoyInstance, envoy_binary
 from tests.servers.proc import wait_until
 
 
-@pytest.fixture
-def envoy(tmp_path: Path) -> Iterator[EnvoyInstance]:
+def envoy_instance(tmp_path: Path) -> Iterator[EnvoyInstance]:
+    """Body of an `envoy` fixture: `yield from envoy_instance(tmp_path)`."""
     instance = EnvoyInstance(tmp_path / "envoy-proxy").start()
     yield instance
     instance.stop()
