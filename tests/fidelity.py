@@ -7,10 +7,14 @@ header and cookie values include unicode, quotes, 4 KB strings and empty values.
 
 from __future__ import annotations
 
+import http.client
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from grayagent.model import Release
+from grayagent.routing import Decision, Request, route
 from tests.docs import document, service
 
 UPSTREAMS = ("stable", "canary", "beta")
@@ -51,6 +55,58 @@ class FidelityRequest:
     path: str = "/"
     headers: list[tuple[str, str]] = field(default_factory=list)
 
+    def simulate(self, release: Release, source_ip: str = "127.0.0.1") -> Decision:
+        """What grayagent.routing decides for this request (the proxies' peer is loopback)."""
+        path, _, query = self.path.partition("?")
+        request = Request.build(headers=self.headers, path=path, query=query, source_ip=source_ip)
+        return route(release.service(self.service), request)
+
+
+class _Connection:
+    """One keep-alive connection; a request that names a Host header sends that one instead of http.client's."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+
+    def get(self, req: FidelityRequest) -> tuple[int, str]:
+        for attempt in range(2):
+            try:
+                own_host = any(k.lower() == "host" for k, _ in req.headers)
+                self.conn.putrequest("GET", req.path, skip_host=own_host, skip_accept_encoding=True)
+                for k, v in req.headers:
+                    self.conn.putheader(k, v.encode("utf-8"))
+                self.conn.endheaders()
+                resp = self.conn.getresponse()
+                return resp.status, resp.read().decode("utf-8", "replace")
+            except (http.client.HTTPException, ConnectionError):
+                self.conn.close()
+                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+
+def send_all(reqs: list[FidelityRequest], ports: dict[str, int], workers: int = 4) -> list[str]:
+    """Each request's answer through the proxy: the backend's name, or the status code when it is not 200."""
+
+    def run(chunk: list[tuple[int, FidelityRequest]]) -> list[tuple[int, str]]:
+        conns = {svc: _Connection(port) for svc, port in ports.items()}
+        out = []
+        for i, req in chunk:
+            status, body = conns[req.service].get(req)
+            out.append((i, body if status == 200 else str(status)))
+        for c in conns.values():
+            c.conn.close()
+        return out
+
+    indexed = list(enumerate(reqs))
+    chunks = [indexed[w::workers] for w in range(workers)]
+    answers: dict[int, str] = {}
+    with ThreadPoolExecutor(workers) as pool:
+        for part in pool.map(run, chunks):
+            answers.update(part)
+    return [answers[i] for i in range(len(reqs))]
 
 
 def _pick(rng: random.Random, *options: Any) -> Any:
@@ -99,3 +155,46 @@ def requests(n: int, seed: int = 20261126) -> list[FidelityRequest]:
                 req.headers.append(("Cookie", "; ".join(cookies) if rng.random() < 0.95 else ""))
         out.append(req)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- hosts
+# A third service: server names, a 404 for unknown hosts, a rule on the Host header itself, and a one-part
+# split whose missing key still means the default upstream.
+
+HOSTS = ["c.example.com", "*.c.example.org"]
+HOST_VALUES = ["c.example.com", "C.Example.COM", "c.example.com:8080", "c.example.com.", "www.c.example.org",
+               "www.c.example.org:81", "a.b.c.example.org", "WWW.c.example.org", "c.example.org", "other.example",
+               "xc.example.com", "c.example.com.evil"]
+
+
+def hosts_service(ports: dict[str, int], listen: int) -> dict[str, Any]:
+    servers = {name: [f"127.0.0.1:{ports[name]}"] for name in UPSTREAMS}
+    return service("svc-c", listen=f"127.0.0.1:{listen}", servers=servers, hosts=HOSTS, rules=[
+        {"name": "www", "match": {"headers": {"Host": {"regex": "^www\\."}}}, "to": "beta"},
+    ], split={"key": {"cookie": "uid"}, "weights": {"stable": 0, "canary": 100, "beta": 0}})
+
+
+def host_served(host: str) -> bool:
+    """nginx's server_name match for HOSTS: case-insensitive, port and one trailing dot ignored."""
+    name = host.lower().rsplit(":", 1)[0] if ":" in host else host.lower()
+    name = name.removesuffix(".")
+    return name == "c.example.com" or (name.endswith(".c.example.org") and len(name) > len(".c.example.org"))
+
+
+def host_requests(n: int, seed: int = 7) -> list[FidelityRequest]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        headers = [("Host", HOST_VALUES[i % len(HOST_VALUES)])]
+        if rng.random() < 0.5:
+            headers.append(("Cookie", f"uid=u{rng.getrandbits(32):x}"))
+        out.append(FidelityRequest("svc-c", "/", headers))
+    return out
+
+
+def expected_answer(release: Release, req: FidelityRequest) -> str:
+    """What a proxy must answer: the upstream's name, or 404 for a Host no service on that port names."""
+    host = next((v for k, v in req.headers if k.lower() == "host"), None)
+    if host is not None and not host_served(host):
+        return "404"
+    return req.simulate(release).upstream

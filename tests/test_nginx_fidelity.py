@@ -7,15 +7,14 @@ and awkward keys (empty, unicode, 4 KB, quotes, whitespace). Then 10,000 random 
 from __future__ import annotations
 
 import random
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from grayagent.model import parse_document
 from grayagent.routing import Request, murmur2, route
 from grayagent.stores.base import digest_of
-from tests.agenthelp import Client, nginx_target, wait_live
+from tests.agenthelp import nginx_target, wait_live
 from tests.docs import document, dump, service
-from tests.fidelity import AWKWARD, FidelityRequest, fidelity_document, requests
+from tests.fidelity import AWKWARD, FidelityRequest, fidelity_document, requests, send_all
 from tests.servers.proc import free_port
 
 
@@ -28,39 +27,14 @@ def _apply(nginx, doc: dict) -> None:
     wait_live(nginx, 1)
 
 
-def _send_all(reqs: list[FidelityRequest], ports: dict[str, int], workers: int = 4) -> list[str]:
-    def run(chunk: list[tuple[int, FidelityRequest]]) -> list[tuple[int, str]]:
-        clients = {svc: Client(port) for svc, port in ports.items()}
-        out = []
-        for i, req in chunk:
-            status, body = clients[req.service].get(req.path, req.headers)
-            assert status == 200, (status, body, req)
-            out.append((i, body))
-        for c in clients.values():
-            c.close()
-        return out
-
-    indexed = list(enumerate(reqs))
-    chunks = [indexed[w::workers] for w in range(workers)]
-    answers: dict[int, str] = {}
-    with ThreadPoolExecutor(workers) as pool:
-        for part in pool.map(run, chunks):
-            answers.update(part)
-    return [answers[i] for i in range(len(reqs))]
-
-
 def test_nginx_agrees_with_simulator_on_10000_requests(tmp_path: Path, nginx, backends) -> None:
     ports = {"svc-a": free_port(), "svc-b": free_port()}
     doc = fidelity_document({n: b.port for n, b in backends.items()}, ports["svc-a"], ports["svc-b"])
     _apply(nginx, doc)
     release = parse_document(dump(doc), "fidelity")
     reqs = requests(10_000)
-    expected = []
-    for req in reqs:
-        path, _, query = req.path.partition("?")
-        request = Request.build(headers=req.headers, path=path, query=query, source_ip="127.0.0.1")
-        expected.append(route(release.service(req.service), request))
-    got = _send_all(reqs, ports)
+    expected = [req.simulate(release) for req in reqs]
+    got = send_all(reqs, ports)
     mismatches = [(r, e, g) for r, e, g in zip(reqs, expected, got, strict=True) if e.upstream != g]
     assert not mismatches, f"{len(mismatches)} mismatches, first: {mismatches[:3]}"
     decided_by = {(e.by, e.rule) for e in expected}
@@ -84,7 +58,7 @@ def test_nginx_split_agrees_on_random_and_awkward_keys(tmp_path: Path, nginx, ba
                                                                for _ in range(rng.randrange(1, 40)))
                                                            for _ in range(10_000)]
     reqs = [FidelityRequest("product", "/", [("X-Key", k)]) for k in keys]
-    got = _send_all(reqs, {"product": port})
+    got = send_all(reqs, {"product": port})
     for key, answer in zip(keys, got, strict=True):
         assert answer == route(svc, Request.build(headers={"X-Key": key})).upstream, (key, murmur2(("s" + key).encode()))
     assert {"stable", "beta"} <= set(got)
