@@ -94,12 +94,22 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--interval", type=float, default=0.25)
+    parser.add_argument("--store", action="append", choices=["file", "etcd"],
+                        help="which stores to measure (repeatable; default: all)")
     args = parser.parse_args()
-    store_dir = Path(tempfile.mkdtemp(prefix="grayagent-bench-store-"))
-    try:
-        print(json.dumps(run(str(store_dir), args.rounds, args.interval, "file")))
-    finally:
-        shutil.rmtree(store_dir, ignore_errors=True)
+    for kind in args.store or ["file", "etcd"]:
+        work = Path(tempfile.mkdtemp(prefix=f"grayagent-bench-{kind}-"))
+        try:
+            if kind == "file":
+                print(json.dumps(run(str(work), args.rounds, args.interval, "file")), flush=True)
+            elif kind == "etcd":
+                from tests.servers.etcd import EtcdCluster
+
+                with EtcdCluster(work / "etcd", size=1) as cluster:
+                    url = f"etcd://{cluster.endpoints[0]}/grayagent/bench"
+                    print(json.dumps(run(url, args.rounds, args.interval, "etcd")), flush=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ def test_nginx_check_failure_keeps_last_good(tmp_path: Path, nginx, backends) ->
         assert status["healthy"] is False and status["applied_version"] == 1 and status["desired_version"] == 2
         publish(store, make_doc(backends, port, {"stable": 0, "canary": 100, "beta": 0}))
         wait_live(nginx, 3)
-        assert agent.status.healthy
+        wait_until(lambda: agent.status.healthy and agent.status.applied_version == 3, 10, "the agent to record 3")
     entries = [json.loads(line) for line in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
     failed = [e for e in entries if e.get("result") == "failed"]
     assert failed and failed[0]["version"] == 2 and failed[0]["restored"] is True
