@@ -32,7 +32,7 @@ def envoy(tmp_path: Path) -> Iterator[EnvoyInstance]:
 
 
 LISTENER_STATS = ("listener_added", "listener_modified", "listener_removed", "listener_create_success",
-                  "listener_in_place_updated", "total_listeners_draining")
+                  "listener_in_place_updated", "total_listeners_draining", "lds.update_attempt")
 
 
 def make_doc(backends, port: int, weights: dict[str, float], **extra) -> dict:

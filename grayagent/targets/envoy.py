@@ -28,6 +28,7 @@ from grayagent.targets.envoy_render import (
     EnvoyOptions,
     empty_files,
     parse_label,
+    rds_file,
     rds_stat,
     render,
     validation_bootstrap,
@@ -127,18 +128,38 @@ class EnvoyTarget:
         return out
 
     def live_version(self) -> tuple[int, str] | None:
-        """The version whose LDS, CDS and every RDS file Envoy has accepted; None when they disagree."""
+        """The version Envoy serves: every file in place is accepted, and every listener's routes carry it.
+
+        Routes are rewritten by every apply; listeners and clusters only when they change, so their files
+        may carry an older label."""
         try:
             stats = self._stats()
-            lds = (self.dir / LDS_FILE).read_bytes()
+            files = self.installed()
         except (StepFailed, OSError):
             return None
-        label = stats.get(f"{LDS_STATS}.version_text")
-        if not isinstance(label, str) or stats.get(f"{CDS_STATS}.version_text") != label:
+        if LDS_FILE not in files or CDS_FILE not in files:
             return None
-        if any(stats.get(rds_stat(name)) != label for name in _resource_names(lds)):
-            return None
-        return parse_label(label)
+        for path in (LDS_FILE, CDS_FILE):
+            if stats.get(f"{_subscription(path)}.version_text") != _version_info(files[path]):
+                return None
+        labels = set()
+        for name in _resource_names(files[LDS_FILE]):
+            content = files.get(rds_file(name))
+            label = stats.get(rds_stat(name))
+            if content is None or label != _version_info(content):
+                return None
+            labels.add(label)
+        return parse_label(labels.pop()) if len(labels) == 1 else None
+
+    def effective(self, previous: Mapping[str, bytes], files: RenderedFiles) -> dict[str, bytes]:
+        """What to put in place: `files`, but the listener and cluster files stay as they are when only
+        their version label would change, so a rule change makes Envoy read nothing but routes."""
+        out = dict(files)
+        for path in (LDS_FILE, CDS_FILE):
+            old = previous.get(path)
+            if old is not None and json.loads(old).get("resources") == json.loads(files[path])["resources"]:
+                out[path] = old
+        return out
 
     # ------------------------------------------------------------------ steps
 
@@ -183,7 +204,7 @@ class EnvoyTarget:
                 shown = seen.get(f"{sub}.version_text", "nothing")
                 raise StepFailed(f"envoy did not accept {sub} version {label} within "
                                  f"{self.settings.verify_timeout:.0f}s (it reports {shown})")
-            time.sleep(0.005)
+            time.sleep(0.002)
 
     def _install(self, old: Mapping[str, bytes], new: Mapping[str, bytes]) -> None:
         """Move Envoy from `old` files to `new` so that no route ever names a cluster Envoy lacks:
@@ -226,6 +247,7 @@ class EnvoyTarget:
         except OSError as exc:
             result.error = f"cannot read {self.dir}: {exc}"
             return result
+        files = self.effective(previous, files)
         if previous == files and self.live_version() == (version, digest):
             result.ok = True
             return result
