@@ -191,7 +191,7 @@ def route(store_url: str | None, version: int | None, file: str | None, service:
 
 @cli.command()
 @_store_option()
-@click.option("--target", type=click.Choice(["nginx"]), default="nginx", show_default=True)
+@click.option("--target", type=click.Choice(["nginx", "envoy"]), default="nginx", show_default=True)
 @click.option("--nginx-conf", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The one file the agent owns; include it inside nginx's http {} block.")
 @click.option("--nginx-main-conf", type=click.Path(dir_okay=False, path_type=Path),
@@ -199,21 +199,35 @@ def route(store_url: str | None, version: int | None, file: str | None, service:
 @click.option("--nginx-bin", default="nginx", show_default=True)
 @click.option("--verify-listen", default="127.0.0.1:18089", show_default=True,
               help="Loopback address of the version endpoint rendered into the proxy config.")
+@click.option("--envoy-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Envoy reads its lds/, cds/ and rds/ files from here (see deploy/envoy/bootstrap.yaml).")
+@click.option("--envoy-admin", default="http://127.0.0.1:9901", show_default=True,
+              help="Envoy's loopback admin URL; the agent confirms every apply through its /stats.")
+@click.option("--envoy-bin", default="envoy", show_default=True)
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Audit log, last-good cache and status live here.")
 @click.option("--once", is_flag=True, help="Apply the current version once and exit (0 healthy, 1 not).")
 @click.option("--min-apply-interval", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Seconds between applies; bursts of publishes coalesce into one apply.")
 def agent(store_url: str | None, target: str, nginx_conf: Path | None, nginx_main_conf: Path, nginx_bin: str,
-          verify_listen: str, state_dir: Path, once: bool, min_apply_interval: float) -> None:
+          verify_listen: str, envoy_dir: Path | None, envoy_admin: str, envoy_bin: str, state_dir: Path, once: bool,
+          min_apply_interval: float) -> None:
     """Watch the store and keep the proxy on its current version."""
     from grayagent.agent import Agent, AgentSettings
+    from grayagent.targets.base import Target
+    from grayagent.targets.envoy import EnvoySettings, EnvoyTarget
     from grayagent.targets.nginx import NginxSettings, NginxTarget
 
-    if nginx_conf is None:
-        raise click.UsageError("--nginx-conf is required with --target nginx")
-    proxy = NginxTarget(NginxSettings(conf=nginx_conf.absolute(), main_conf=nginx_main_conf, binary=nginx_bin,
-                                      verify_listen=verify_listen))
+    proxy: Target
+    if target == "envoy":
+        if envoy_dir is None:
+            raise click.UsageError("--envoy-dir is required with --target envoy")
+        proxy = EnvoyTarget(EnvoySettings(envoy_dir=envoy_dir.absolute(), admin_url=envoy_admin, binary=envoy_bin))
+    else:
+        if nginx_conf is None:
+            raise click.UsageError("--nginx-conf is required with --target nginx")
+        proxy = NginxTarget(NginxSettings(conf=nginx_conf.absolute(), main_conf=nginx_main_conf, binary=nginx_bin,
+                                          verify_listen=verify_listen))
     runner = Agent(_open(store_url), proxy, AgentSettings(state_dir=state_dir,
                                                           min_apply_interval=min_apply_interval))
     if once:
