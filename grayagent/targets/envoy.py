@@ -36,8 +36,11 @@ from grayagent.targets.envoy_render import (
 
 LDS_STATS = "listener_manager.lds"
 CDS_STATS = "cluster_manager.cds"
-_STATS_FILTER = (r"^(listener_manager\.lds|cluster_manager\.cds|http\.grayagent_[a-z0-9_]+\.rds\.grayagent_[a-z0-9_]+)"
-                 r"\.(version_text|update_attempt|update_rejected|update_failure)$")
+_STATS_FILTER = (r"^((listener_manager\.lds|cluster_manager\.cds|http\.grayagent_[a-z0-9_]+\.rds\.grayagent_[a-z0-9_]+)"
+                 r"\.(version_text|update_attempt|update_rejected|update_failure)"
+                 r"|listener_manager\.listener_create_(success|failure)|server\.concurrency)$")
+CREATED = "listener_manager.listener_create_success"
+UNION_SUFFIX = "+old"  # the label of the transient cluster file that holds old and new clusters
 Stats = dict[str, int | str]
 
 
@@ -140,15 +143,15 @@ class EnvoyTarget:
         if LDS_FILE not in files or CDS_FILE not in files:
             return None
         for path in (LDS_FILE, CDS_FILE):
-            if stats.get(f"{_subscription(path)}.version_text") != _version_info(files[path]):
-                return None
-        labels = set()
+            label = _version_info(files[path])
+            if label.endswith(UNION_SUFFIX) or stats.get(f"{_subscription(path)}.version_text") != label:
+                return None  # mid-apply: the clusters of both versions are still in place
+        labels: set[str] = set()
         for name in _resource_names(files[LDS_FILE]):
             content = files.get(rds_file(name))
-            label = stats.get(rds_stat(name))
-            if content is None or label != _version_info(content):
+            if content is None or stats.get(rds_stat(name)) != _version_info(content):
                 return None
-            labels.add(label)
+            labels.add(_version_info(content))
         return parse_label(labels.pop()) if len(labels) == 1 else None
 
     def effective(self, previous: Mapping[str, bytes], files: RenderedFiles) -> dict[str, bytes]:
@@ -206,6 +209,28 @@ class EnvoyTarget:
                                  f"{self.settings.verify_timeout:.0f}s (it reports {shown})")
             time.sleep(0.002)
 
+    def _await_workers(self, old: bytes | None, new: bytes, before: Stats) -> None:
+        """An accepted listener accepts connections only once every worker has added it (a new listener's
+        socket is refused until then): wait for one listener_create_success per changed listener and worker."""
+        old_listeners = {r["name"]: r for r in json.loads(old).get("resources", [])} if old else {}
+        changed = [r for r in json.loads(new)["resources"] if old_listeners.get(r["name"]) != r]
+        if not changed:
+            return
+        workers = int(before.get("server.concurrency", 1)) or 1
+        want = int(before.get(CREATED, 0)) + len(changed) * workers
+        deadline = time.monotonic() + self.settings.verify_timeout
+        while True:
+            seen = self._stats()
+            if int(seen.get("listener_manager.listener_create_failure", 0)) > \
+                    int(before.get("listener_manager.listener_create_failure", 0)):
+                raise StepFailed("envoy failed to start a listener on its workers (listener_create_failure)")
+            if int(seen.get(CREATED, 0)) >= want:
+                return
+            if time.monotonic() >= deadline:
+                raise StepFailed(f"envoy workers did not start {len(changed)} listener(s) within "
+                                 f"{self.settings.verify_timeout:.0f}s")
+            time.sleep(0.002)
+
     def _install(self, old: Mapping[str, bytes], new: Mapping[str, bytes]) -> None:
         """Move Envoy from `old` files to `new` so that no route ever names a cluster Envoy lacks:
         clusters (old and new together) -> routes -> listeners -> routes of new listeners -> drop the rest."""
@@ -216,7 +241,7 @@ class EnvoyTarget:
             # Old routes still name the removed clusters until the new routes are in.
             union = json.loads(old[CDS_FILE])["resources"] + json.loads(new[CDS_FILE])["resources"]
             merged = {c["name"]: c for c in union}
-            cds = json.dumps({"version_info": _version_info(new[CDS_FILE]) + "+old",
+            cds = json.dumps({"version_info": _version_info(new[CDS_FILE]) + UNION_SUFFIX,
                               "resources": [merged[k] for k in sorted(merged)]}, sort_keys=True).encode()
         if old.get(CDS_FILE) != cds:
             self._write_and_confirm(CDS_FILE, cds)
@@ -230,7 +255,9 @@ class EnvoyTarget:
             if not exists:
                 later.append(path)
         if old.get(LDS_FILE) != new[LDS_FILE]:
+            before = self._stats()
             self._write_and_confirm(LDS_FILE, new[LDS_FILE])
+            self._await_workers(old.get(LDS_FILE), new[LDS_FILE], before)
         for path in later:  # a new listener reads its routes when it is created
             self._await(_subscription(path), _version_info(new[path]), None)
         for path in old:
