@@ -18,6 +18,7 @@ import pytest
 
 from grayagent.model import parse_document
 from grayagent.routing import Request, route
+from grayagent.stores.base import digest_of
 from grayagent.stores.file import FileStore
 from tests.agenthelp import Client, grayagent
 from tests.docs import document, dump, service
@@ -248,3 +249,23 @@ def test_revert_through_the_cli_agent(tmp_path: Path, envoy, backends) -> None:
 def test_cli_agent_requires_envoy_dir(tmp_path: Path) -> None:
     done = grayagent("agent", "--store", str(tmp_path / "s"), "--target", "envoy", "--state-dir", str(tmp_path))
     assert done.returncode == 2 and "--envoy-dir is required" in done.stderr
+
+
+def test_random_split_without_key_follows_the_weights(tmp_path: Path, envoy, backends) -> None:
+    """No key, or a missing key with whenKeyMissing: random: a fresh random bucket per request, seeded per
+    Lua state from /dev/urandom (LuaJIT's fixed seed would give every worker the same sequence)."""
+    port = free_port()
+    servers = {name: [f"127.0.0.1:{b.port}"] for name, b in backends.items()}
+    doc = document(service(listen=f"127.0.0.1:{port}", servers=servers,
+                           split={"key": {"query": "uid"}, "whenKeyMissing": "random",
+                                  "weights": {"stable": 50, "canary": 30.5, "beta": 19.5}}))
+    content = dump(doc)
+    target = envoy_target(envoy)
+    release = parse_document(content, "random")
+    assert target.apply(target.render(release, 1, digest_of(content)), 1, digest_of(content)).ok
+    counts = {"stable": 0, "canary": 0, "beta": 0}
+    for i in range(3000):
+        counts[Client(port).get("/")[1] if i % 2 else Client(port).get("/?x=1")[1]] += 1
+    shares = {k: v / 3000 for k, v in counts.items()}
+    assert abs(shares["stable"] - 0.5) < 0.04 and abs(shares["canary"] - 0.305) < 0.04, shares
+    assert Client(port).get("/?uid=42")[1] == route(release.services[0], Request.build(query="uid=42")).upstream
