@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import statistics
@@ -94,10 +95,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--interval", type=float, default=0.25)
-    parser.add_argument("--store", action="append", choices=["file", "etcd"],
+    parser.add_argument("--store", action="append", choices=["file", "etcd", "nacos"],
                         help="which stores to measure (repeatable; default: all)")
     args = parser.parse_args()
-    for kind in args.store or ["file", "etcd"]:
+    for kind in args.store or ["file", "etcd", "nacos"]:
         work = Path(tempfile.mkdtemp(prefix=f"grayagent-bench-{kind}-"))
         try:
             if kind == "file":
@@ -108,6 +109,17 @@ def main() -> None:
                 with EtcdCluster(work / "etcd", size=1) as cluster:
                     url = f"etcd://{cluster.endpoints[0]}/grayagent/bench"
                     print(json.dumps(run(url, args.rounds, args.interval, "etcd")), flush=True)
+            elif kind == "nacos":
+                from tests.servers.nacos import NacosServer, nacos_unavailable_reason
+
+                if (reason := nacos_unavailable_reason()) is not None:
+                    print(json.dumps({"bench": "publish_to_served", "store": "nacos", "skipped": reason}))
+                    continue
+                # auth on; the agent (a child process) and this process read the password from the environment
+                with NacosServer(work / "nacos", extra_properties={"server.shutdown": "immediate"}) as server:
+                    os.environ["GRAYAGENT_NACOS_PASSWORD"] = server.password
+                    url = f"nacos://{server.username}@{server.server_addr}/bench"
+                    print(json.dumps(run(url, args.rounds, args.interval, "nacos")), flush=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
