@@ -181,3 +181,17 @@ def test_lua_decodes_hostile_strings_exactly_in_real_envoy(tmp_path: Path) -> No
             conn.request("GET", "/", headers={"x-i": str(i)})
             response = conn.getresponse()
             assert (response.status, response.read()) == (200, value.encode("utf-8")), i
+
+
+def test_ten_thousand_services_on_one_listener_validate(tmp_path: Path) -> None:
+    """One Lua script holds every service of a listener; LuaJIT caps a function at 65,536 constants."""
+    services = [service(f"s{i}", listen=8080, hosts=[f"h{i}.example.com"], rules=[
+        {"name": "r", "match": {"headers": {"X-A": {"exact": f"v{i}"}}, "cookies": {"c": {"prefix": "p"}}},
+         "to": "canary"}], split={"key": {"header": "X-U"}, "weights": {"stable": 90, "canary": 10}})
+        for i in range(10_000)]
+    content = dump(document(*services))
+    files = render(parse_document(content, "big"), 1, digest_of(content), OPTIONS)
+    candidate = tmp_path / "candidate.json"
+    candidate.write_bytes(validation_bootstrap(files))
+    ok, output = EnvoyProcess.validate(candidate)
+    assert ok, output[-2000:]
