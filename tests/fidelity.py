@@ -158,8 +158,8 @@ def requests(n: int, seed: int = 20261126) -> list[FidelityRequest]:
 
 
 # ---------------------------------------------------------------------------------------------- hosts
-# A third service: server names, a 404 for unknown hosts, a rule on the Host header itself, and a one-part
-# split whose missing key still means the default upstream.
+# A third service: server names, a 404 for unknown hosts, rules on the Host and Cookie headers themselves,
+# and a one-part split whose missing key still means the default upstream.
 
 HOSTS = ["c.example.com", "*.c.example.org"]
 HOST_VALUES = ["c.example.com", "C.Example.COM", "c.example.com:8080", "c.example.com.", "www.c.example.org",
@@ -171,6 +171,7 @@ def hosts_service(ports: dict[str, int], listen: int) -> dict[str, Any]:
     servers = {name: [f"127.0.0.1:{ports[name]}"] for name in UPSTREAMS}
     return service("svc-c", listen=f"127.0.0.1:{listen}", servers=servers, hosts=HOSTS, rules=[
         {"name": "www", "match": {"headers": {"Host": {"regex": "^www\\."}}}, "to": "beta"},
+        {"name": "cookie-header", "match": {"headers": {"Cookie": {"regex": "; exp=1$"}}}, "to": "beta"},
     ], split={"key": {"cookie": "uid"}, "weights": {"stable": 0, "canary": 100, "beta": 0}})
 
 
@@ -188,6 +189,8 @@ def host_requests(n: int, seed: int = 7) -> list[FidelityRequest]:
         headers = [("Host", HOST_VALUES[i % len(HOST_VALUES)])]
         if rng.random() < 0.5:
             headers.append(("Cookie", f"uid=u{rng.getrandbits(32):x}"))
+        if rng.random() < 0.3:  # a second Cookie header: the Cookie header's value is both joined
+            headers.append(("Cookie", "exp=1"))
         out.append(FidelityRequest("svc-c", "/", headers))
     return out
 

@@ -9,12 +9,6 @@
 --                      requires it, so a script that fails half-way falls through to the default route.
 -- The route entry selected before this runs (the catch-all) names the service in its metadata.
 
-local first_value = function(headers, name)
-  -- Envoy keeps each occurrence of a custom header; the first one counts (nginx's $http_NAME).
-  if name == "host" then name = ":authority" end
-  return headers:getAtIndex(name, 0) or ""
-end
-
 local function joined_cookie(headers)
   -- nginx 1.22 joins repeated Cookie headers with "; " into $http_cookie.
   local n = headers:getNumValues("cookie")
@@ -25,9 +19,19 @@ local function joined_cookie(headers)
   return table.concat(parts, "; ")
 end
 
+local function first_value(headers, name, req)
+  -- Envoy keeps each occurrence of a custom header; the first one counts (nginx's $http_NAME).
+  if name == "host" then name = ":authority" end
+  if name == "cookie" then
+    if req.cookie == nil then req.cookie = joined_cookie(headers) end
+    return req.cookie
+  end
+  return headers:getAtIndex(name, 0) or ""
+end
+
 local function field_value(headers, field, req)
   local kind = field[1]
-  if kind == "header" then return first_value(headers, field[2]) end
+  if kind == "header" then return first_value(headers, field[2], req) end
   if kind == "path" then return req.path end
   if kind == "cookie" then
     if req.cookie == nil then req.cookie = joined_cookie(headers) end
