@@ -360,6 +360,26 @@ def test_namespaces_keep_releases_apart(nacos: NacosServer, password_file: Path)
         public.close()
 
 
+def test_history_on_a_nacos3_without_the_v1_admin_api(tmp_path: Path, nacos: NacosServer) -> None:
+    """Nacos 3 ships with the v1 admin API off; history falls back to the v3 admin listing."""
+    off = {"nacos.core.api.compatibility.admin.enabled": "false",
+           "nacos.core.api.compatibility.console.enabled": "false", "server.shutdown": "immediate"}
+    with NacosServer(tmp_path / "nacos3", extra_properties=off) as server:
+        secret = tmp_path / "pw"
+        secret.write_text(server.password)
+        store = NacosStore(url(server, "v3", secret))
+        try:
+            first = dump(document(name="first"))
+            assert publish(store, first, "one") == 1
+            assert publish(store, dump(document(name="second")), "two") == 2
+            assert store.publish(store.get(1).content, 2, "test", "revert").version == 3
+            assert [(m.version, m.parent, m.message) for m in store.history()] == [
+                (1, 0, "one"), (2, 1, "two"), (3, 2, "revert")]
+            assert store.get(3).content == first
+        finally:
+            store.close()
+
+
 def test_wrong_password_is_one_clear_line(tmp_path: Path, nacos: NacosServer, nginx: NginxInstance) -> None:
     wrong = "not-the-password-42"
     doc = tmp_path / "doc.json"

@@ -7,8 +7,9 @@ URL:  nacos://[user@]host:8848[,host2:8848...]/<release>[?options]
   timeout=SECONDS       per-request timeout (default 5)
 Passwords in the URL itself are refused: URLs end up in shell history, logs and audit entries. `url` is the
 redacted form (no password_file, no timeout). Release, group and namespace use Nacos's dataId characters
-(letters, digits, `_ - . :`). The server must speak the v1 OpenAPI: Nacos 2.x, or 3.x with
-`nacos.core.api.compatibility.{client,admin}.enabled=true` (nacos-sdk-python 2.0.x needs it too).
+(letters, digits, `_ - . :`). The server must speak the v1 client OpenAPI, as nacos-sdk-python 2.0.x
+needs: Nacos 2.x, or 3.x with `nacos.core.api.compatibility.client.enabled=true`. `history` uses the v1
+admin listing where it is on, else Nacos 3's /v3/admin/cs/config/list.
 
 Layout in <group> of <namespace> (stable; other tools may read and write it):
   <release>.v<N>      immutable, written once: JSON {"version","parent","created","author","message","digest",
@@ -22,15 +23,18 @@ dataId, kept until someone deletes it, and a revert publishes an old version's c
 
 Publishing, with compare-and-set on the pointer (casMd5, which must travel as an HTTP header):
   1. read the pointer; if it does not say `expected`, Conflict at once (no entry is written);
-  2. create <release>.v<N>, N = expected+1, +2, ... with a create-only write (below); an N already taken
-     belongs to a racer on the same parent or to an abandoned attempt, so it is skipped, never overwritten;
+  2. create <release>.v<N>, N = expected+1 with a create-only write (below). Entries are never overwritten:
+     if N is taken by a racer on the same parent, wait for it to move the pointer and lose (Conflict) without
+     writing an entry; if by an abandoned attempt (older, or the pointer never moved), try N+1;
   3. wait until the entry reads back: reads come from a cache that trails writes by ~90 ms (up to ~1 s), and
-     an agent that sees the pointer move must find the version it names;
+     an agent that sees the pointer move must find the version it names (without this wait, 6 of 200
+     entries were still unreadable when the pointer that named them already read back);
   4. CAS the pointer from the exact text read in step 1 to "N": of concurrent publishers on one parent,
      exactly one wins; the others get Conflict (CLI exit 3);
   5. wait until the pointer reads back N, so the next command sees this publish (read-your-write).
-A loser's entry stays as the record of an attempt that never became current; `history` leaves out such
-entries (an entry whose parent's successor in the current lineage is another entry).
+An entry whose publisher lost anyway (it crashed, or timed out) stays as the record of an attempt that never
+became current; `history` leaves such entries out: an entry whose parent's successor in the current lineage
+is another entry.
 
 Create-only write: a CAS whose casMd5 is the md5 of a random nonce, which no stored content has. On an existing
 dataId it fails. On a missing one Nacos inserts instead of comparing, and its unique key (data_id, group_id,
@@ -496,6 +500,8 @@ class NacosStore:
         while True:
             listing: Any = self._call("list versions", functools.partial(
                 _list_page, group=self.group, page=page))
+            if listing is None:
+                return self._entries_v3()
             if not isinstance(listing, dict):
                 raise StoreError(f"{self.url}: list versions: unexpected answer")
             for item in listing.get("pageItems") or []:
@@ -503,6 +509,34 @@ class NacosStore:
                 if match and item.get("content") is not None:
                     found[int(match.group(1))] = str(item["content"])
             if page >= int(listing.get("pagesAvailable") or 1):
+                return found
+            page += 1
+
+    def _entries_v3(self) -> dict[int, str]:
+        """The same from Nacos 3's admin API, for servers that keep the v1 admin API off (its default).
+
+        That listing has no content, so each entry is read on its own (from the cache: an entry written in
+        the last moments may be missing, as with any read).
+        """
+        found: dict[int, str] = {}
+        page = 1
+        while True:
+            params = {"search": "blur", "dataId": f"{self.release}.v*", "groupName": self.group,
+                      "pageNo": str(page), "pageSize": "500"}
+            if self.config.namespace:
+                params["namespaceId"] = self.config.namespace
+            status, body = self._http.call("GET", "/v3/admin/cs/config/list", params=params, what="list versions")
+            try:
+                data: Any = json.loads(body)["data"] if status == 200 else None
+                items = list(data["pageItems"] or [])
+                pages = int(data.get("pagesAvailable") or 1)
+            except (ValueError, KeyError, TypeError):
+                raise StoreError(f"{self.url}: list versions: HTTP {status} from the v1 and v3 list APIs") from None
+            for item in items:
+                match = self._version_re.fullmatch(str(item.get("dataId", "")))
+                if match and (raw := self._read(match.group(0))) is not None:
+                    found[int(match.group(1))] = raw
+            if page >= pages:
                 return found
             page += 1
 
@@ -789,7 +823,13 @@ class NacosStore:
 
 
 def _list_page(client: _SdkClient, group: str, page: int) -> Any:
-    return client.get_configs(no_snapshot=True, group=group, page_no=page, page_size=500)
+    """One page of the v1 group listing; None when the server has that API off (Nacos 3 answers 410 Gone)."""
+    try:
+        return client.get_configs(no_snapshot=True, group=group, page_no=page, page_size=500)
+    except HTTPError as exc:
+        if exc.code == 410:
+            return None
+        raise
 
 
 def _racing(raw: str, parent: int) -> bool:
