@@ -171,22 +171,25 @@ class EnvoyTarget:
         try:
             atomic_write(candidate, validation_bootstrap(files))
             done = run_command([self.settings.binary, "--mode", "validate", "-c", str(candidate),
-                                "--disable-hot-restart", "-l", "error"], timeout=self.settings.validate_timeout)
+                                "--disable-hot-restart", "--concurrency", "1", "-l", "error"],
+                               timeout=self.settings.validate_timeout)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 candidate.unlink()
         if done.returncode != 0:
             raise StepFailed(f"envoy --mode validate failed: {_first_line(done.stderr + done.stdout)}")
 
-    def _write_and_confirm(self, path: str, content: bytes, confirm: bool = True) -> None:
-        """Rename `content` into place; with `confirm`, wait until its subscription has read and accepted it."""
-        sub = _subscription(path)
-        before = self._stats() if confirm else {}
-        atomic_write(self.dir / path, content)
-        if confirm:
-            self._await(sub, _version_info(content), before)
+    def _write_and_confirm(self, path: str, content: bytes, before: Stats | None) -> Stats:
+        """Rename `content` into place and wait until its subscription has read and accepted it.
 
-    def _await(self, sub: str, label: str, before: Stats | None) -> None:
+        `before`: stats read since the previous write, if any (saves a round trip). Returns the last stats
+        read, which serve as `before` for the next write."""
+        if before is None:
+            before = self._stats()
+        atomic_write(self.dir / path, content)
+        return self._await(_subscription(path), _version_info(content), before)
+
+    def _await(self, sub: str, label: str, before: Stats | None) -> Stats:
         """Wait until subscription `sub` reports `label`. With `before`, it must also have re-read the file
         since then (the label alone cannot tell a re-apply of the same version), and not rejected it."""
         deadline = time.monotonic() + self.settings.verify_timeout
@@ -202,7 +205,7 @@ class EnvoyTarget:
             attempted = before is None or (int(seen.get(f"{sub}.update_attempt", 0))
                                            > int(before.get(f"{sub}.update_attempt", 0)))
             if attempted and seen.get(f"{sub}.version_text") == label:
-                return
+                return seen
             if time.monotonic() >= deadline:
                 shown = seen.get(f"{sub}.version_text", "nothing")
                 raise StepFailed(f"envoy did not accept {sub} version {label} within "
@@ -243,20 +246,22 @@ class EnvoyTarget:
             merged = {c["name"]: c for c in union}
             cds = json.dumps({"version_info": _version_info(new[CDS_FILE]) + UNION_SUFFIX,
                               "resources": [merged[k] for k in sorted(merged)]}, sort_keys=True).encode()
+        stats: Stats | None = None
         if old.get(CDS_FILE) != cds:
-            self._write_and_confirm(CDS_FILE, cds)
+            stats = self._write_and_confirm(CDS_FILE, cds, stats)
         old_listeners = set(_resource_names(old.get(LDS_FILE)))
         later: list[str] = []
         for path, content in new.items():
             if not path.startswith(RDS_DIR + "/") or old.get(path) == content:
                 continue
-            exists = Path(path).stem in old_listeners
-            self._write_and_confirm(path, content, confirm=exists)
-            if not exists:
+            if Path(path).stem in old_listeners:
+                stats = self._write_and_confirm(path, content, stats)
+            else:
+                atomic_write(self.dir / path, content)  # read when LDS creates its listener
                 later.append(path)
         if old.get(LDS_FILE) != new[LDS_FILE]:
-            before = self._stats()
-            self._write_and_confirm(LDS_FILE, new[LDS_FILE])
+            before = stats if stats is not None else self._stats()
+            self._write_and_confirm(LDS_FILE, new[LDS_FILE], before)
             self._await_workers(old.get(LDS_FILE), new[LDS_FILE], before)
         for path in later:  # a new listener reads its routes when it is created
             self._await(_subscription(path), _version_info(new[path]), None)
@@ -264,7 +269,7 @@ class EnvoyTarget:
             if path.startswith(RDS_DIR + "/") and path not in new:
                 (self.dir / path).unlink(missing_ok=True)
         if cds != new[CDS_FILE]:
-            self._write_and_confirm(CDS_FILE, new[CDS_FILE])
+            self._write_and_confirm(CDS_FILE, new[CDS_FILE], None)
 
     def apply(self, files: RenderedFiles, version: int, digest: str) -> ApplyResult:
         result = ApplyResult(ok=False)
