@@ -405,50 +405,48 @@ def test_wrong_password_is_one_clear_line(tmp_path: Path, nacos: NacosServer, ng
 
 
 def test_nacos_restart_while_an_agent_runs(tmp_path: Path, nacos: NacosServer, nginx: NginxInstance,
-                                           backends: dict[str, Backend]) -> None:
+                                           backends: dict[str, Backend], monkeypatch: pytest.MonkeyPatch) -> None:
     """Runs last: the server goes away. The agent keeps serving, resyncs after the restart, misses nothing."""
     port = free_port()
     store_url = url(nacos, "restart")
     env = cli_env(nacos)
-    os.environ["GRAYAGENT_NACOS_PASSWORD"] = nacos.password  # this process's store, too
+    monkeypatch.setenv("GRAYAGENT_NACOS_PASSWORD", nacos.password)  # this process's store, too
+    store = NacosStore(store_url)
+    publish(store, doc_for(backends, port, 0))
+    state = tmp_path / "state"
+    log_path = tmp_path / "agent.log"
+    with log_path.open("w") as log:
+        agent = subprocess.Popen([sys.executable, "-m", "grayagent.cli", "--log-level", "debug", "agent",
+                                  "--store", store_url, "--nginx-conf", str(nginx.conf),
+                                  "--nginx-main-conf", str(nginx.main_conf), "--nginx-bin", nginx.binary,
+                                  "--verify-listen", nginx.verify_listen, "--state-dir", str(state),
+                                  "--min-apply-interval", "0.1"], stdout=log, stderr=subprocess.STDOUT,
+                                 env=env)
     try:
-        store = NacosStore(store_url)
-        publish(store, doc_for(backends, port, 0))
-        state = tmp_path / "state"
-        log_path = tmp_path / "agent.log"
-        with log_path.open("w") as log:
-            agent = subprocess.Popen([sys.executable, "-m", "grayagent.cli", "--log-level", "debug", "agent",
-                                      "--store", store_url, "--nginx-conf", str(nginx.conf),
-                                      "--nginx-main-conf", str(nginx.main_conf), "--nginx-bin", nginx.binary,
-                                      "--verify-listen", nginx.verify_listen, "--state-dir", str(state),
-                                      "--min-apply-interval", "0.1"], stdout=log, stderr=subprocess.STDOUT,
-                                     env=env)
-        try:
-            wait_live(nginx, 1)
+        wait_live(nginx, 1)
 
-            def status() -> dict[str, object]:
-                return dict(json.loads((state / "status.json").read_text()))
+        def status() -> dict[str, object]:
+            return dict(json.loads((state / "status.json").read_text()))
 
-            nacos.stop()
-            wait_until(lambda: status()["store_reachable"] is False, 20, "the agent to notice Nacos is gone")
-            assert Client(port).get("/", {"X-User-Id": "u"})[1] == "stable"  # last-good still served
-            nacos.start()
-            # Published while the agent is still backing off: the resync after it reconnects must find it.
-            assert publish(store, doc_for(backends, port, 100)) == 2
-            wait_live(nginx, 2, timeout=30)
-            wait_until(lambda: status()["store_reachable"] is True, 15, "the agent to report the store reachable")
-            assert publish(store, doc_for(backends, port, 50)) == 3
-            wait_live(nginx, 3)
-            done = grayagent("status", "--store", store_url, "--wait", "30", "-o", "json", env=env)
-            assert done.returncode == 0, done.stdout + done.stderr
-            assert [a["applied_version"] for a in json.loads(done.stdout)["agents"]] == [3]
-        finally:
-            agent.send_signal(signal.SIGTERM)
-            assert agent.wait(20) == 0
-        assert applied_versions(state) == [1, 2, 3]
-        logged = log_path.read_text()
-        assert "store unreachable" in logged and "store reachable" in logged
-        assert_no_secrets(nacos, logged)
-        store.close()
+        nacos.stop()
+        wait_until(lambda: status()["store_reachable"] is False, 20, "the agent to notice Nacos is gone")
+        assert Client(port).get("/", {"X-User-Id": "u"})[1] == "stable"  # last-good still served
+        nacos.start()
+        # Published at once, most likely while the agent's watch still backs off (it reaches seconds): the
+        # full re-read after it reconnects must find it.
+        assert publish(store, doc_for(backends, port, 100)) == 2
+        wait_live(nginx, 2, timeout=30)
+        wait_until(lambda: status()["store_reachable"] is True, 15, "the agent to report the store reachable")
+        assert publish(store, doc_for(backends, port, 50)) == 3
+        wait_live(nginx, 3)
+        done = grayagent("status", "--store", store_url, "--wait", "30", "-o", "json", env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert [a["applied_version"] for a in json.loads(done.stdout)["agents"]] == [3]
     finally:
-        os.environ.pop("GRAYAGENT_NACOS_PASSWORD", None)
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(20) == 0
+    assert applied_versions(state) == [1, 2, 3]
+    logged = log_path.read_text()
+    assert "store unreachable" in logged and "store reachable" in logged
+    assert_no_secrets(nacos, logged)
+    store.close()
