@@ -44,7 +44,8 @@ def run(store_url: str, rounds: int, interval: float, label: str, extra_env: dic
     agent = subprocess.Popen([sys.executable, "-m", "grayagent.cli", "agent", "--store", store_url,
                               "--nginx-conf", str(nginx.conf), "--nginx-main-conf", str(nginx.main_conf),
                               "--nginx-bin", nginx.binary, "--verify-listen", nginx.verify_listen,
-                              "--state-dir", str(work / "state"), "--min-apply-interval", str(interval)],
+                              "--state-dir", str(work / "state"), "--min-apply-interval", str(interval),
+                              "--status-listen", "127.0.0.1:0"],
                              stderr=open(work / "agent.log", "w"), env=extra_env)  # noqa: SIM115
     latencies: list[float] = []
     keepalive: list[float] = []

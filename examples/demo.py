@@ -26,7 +26,7 @@ from tests.servers.proc import wait_until  # noqa: E402
 
 WORK = ROOT / ".demo"
 DOC = ROOT / "examples" / "demo.yaml"
-LISTEN, STABLE, CANARY = 18480, 18481, 18482
+LISTEN, STABLE, CANARY, STATUS = 18480, 18481, 18482, 18483
 
 
 def grayagent(*args: str) -> str:
@@ -70,7 +70,8 @@ def main() -> None:
     agent = subprocess.Popen([sys.executable, "-m", "grayagent.cli", "agent", "--store", str(store),
                               "--nginx-conf", str(nginx.conf), "--nginx-main-conf", str(nginx.main_conf),
                               "--nginx-bin", nginx.binary, "--verify-listen", nginx.verify_listen,
-                              "--state-dir", str(WORK / "state"), "--min-apply-interval", "0.2"],
+                              "--state-dir", str(WORK / "state"), "--min-apply-interval", "0.2",
+                              "--status-listen", f"127.0.0.1:{STATUS}"],
                              stderr=open(WORK / "agent.log", "w"))  # noqa: SIM115
     try:
         print(f"store:  {store}\nnginx:  127.0.0.1:{LISTEN} (private instance, config in {nginx.conf})")
@@ -95,6 +96,13 @@ def main() -> None:
         print(grayagent("audit", "show", "--state-dir", str(WORK / "state")))
         print("\n$ grayagent audit verify --state-dir .demo/state")
         print(grayagent("audit", "verify", "--state-dir", str(WORK / "state")))
+        print(f"\n$ curl -s 127.0.0.1:{STATUS}/healthz")
+        print(Client(STATUS).get("/healthz")[1])
+        print(f"$ curl -s 127.0.0.1:{STATUS}/metrics | grep -E '^grayagent_(applied_version|apply_total|proxy_reloads)'")
+        metrics = Client(STATUS).get("/metrics")[1]
+        print("\n".join(line for line in metrics.splitlines()
+                        if line.startswith(("grayagent_applied_version", "grayagent_apply_total",
+                                            "grayagent_proxy_reloads_total"))))
         decision = json.loads(grayagent("route", "--store", str(store), "--service", "product",
                                         "--header", "X-Employee=true", "-o", "json"))
         print(f"\n$ grayagent route --service product --header X-Employee=true\n{decision}")

@@ -29,6 +29,7 @@ from grayagent.audit import AuditLog
 from grayagent.errors import GrayagentError, InvalidDocument
 from grayagent.fsutil import RENDERED_MODE, atomic_write
 from grayagent.model import parse_document
+from grayagent.observe import AgentMetrics
 from grayagent.stores.base import FleetStatus, Store, VersionMeta, VersionRecord, digest_of, utc_now
 from grayagent.targets.base import Target
 
@@ -146,6 +147,7 @@ class Agent:
         self.status = AgentStatus(host=settings.host, target=target.name)
         self.on_status = on_status
         self.reporter = StatusReporter(store, settings.host) if isinstance(store, FleetStatus) else None
+        self.metrics = AgentMetrics(target.name)
         self._wake = threading.Event()
         self._refused: set[tuple[int, str]] = set()
         self._retry_at: dict[tuple[int, str], tuple[float, float]] = {}  # key -> (due, current delay)
@@ -168,6 +170,8 @@ class Agent:
 
     def _publish_status(self) -> None:
         self.status.updated = utc_now()
+        self.metrics.record_state(self.status.applied_version, self.status.desired_version,
+                                  self.status.store_reachable, self.status.healthy)
         try:
             atomic_write(self.settings.state_dir / STATUS_FILE,
                          json.dumps(self.status.as_dict(), indent=1).encode(), RENDERED_MODE)
@@ -247,6 +251,7 @@ class Agent:
         result = self.target.apply(files, version, digest)
         steps.update(result.steps_ms)
         self.status.applies += 1
+        self.metrics.record_apply("ok" if result.ok else "failed", steps, result.reloaded)
         if result.ok:
             self._retry_at.pop(key, None)
             self.status.applied_version, self.status.applied_digest = version, digest
@@ -271,10 +276,29 @@ class Agent:
 
     def _refuse(self, key: tuple[int, str], base: dict[str, Any], error: str) -> None:
         self._refused.add(key)
+        self.metrics.record_apply("refused", {}, reloaded=False)
         self.status.last_error = f"version {key[0]} refused: {error}"
         self.status.healthy = False
         self.audit.append("refuse", **base, result="refused", error=error)
         log.error("version refused; last-good kept", version=key[0], error=error)
+
+    def is_ready(self) -> bool:
+        """Serving something known: an applied version (from the store or the cache), or an empty store."""
+        return self.status.applied_version is not None or (
+            self.status.store_reachable and self.status.desired_version is None and self.status.last_error is None)
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """For /healthz: the applied version is known and the proxy itself says it serves it."""
+        applied = (self.status.applied_version, self.status.applied_digest)
+        detail: dict[str, Any] = {"applied_version": applied[0], "desired_version": self.status.desired_version,
+                                  "store_reachable": self.status.store_reachable, "last_error": self.status.last_error}
+        if applied[0] is None:
+            return False, {**detail, "reason": "no version applied yet"}
+        live = self.target.live_version()
+        if live != applied:
+            return False, {**detail, "reason": f"{self.target.name} does not answer with the applied version",
+                           "live": list(live) if live else None}
+        return True, detail
 
     # ------------------------------------------------------------------ loop
 
@@ -294,7 +318,7 @@ class Agent:
             self.reporter.start()
         self.audit.append("start", target=self.target.name, store=self.store.url, host=self.settings.host)
         self.sync()
-        if ready is not None and self.status.applied_version is not None:
+        if ready is not None and self.is_ready():
             ready()
             ready = None
         while not stop.is_set():
@@ -310,7 +334,7 @@ class Agent:
                 stop.wait(hold + self.settings.settle)
             self._wake.clear()
             self.sync()
-            if ready is not None and self.status.applied_version is not None:
+            if ready is not None and self.is_ready():
                 ready()
                 ready = None
         self.audit.append("stop", target=self.target.name)

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import getpass
 import json
-import signal
 import socket
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from grayagent import usecases
 from grayagent.errors import GrayagentError, InvalidDocument
@@ -189,53 +188,45 @@ def route(store_url: str | None, version: int | None, file: str | None, service:
     _emit(output, decision.as_dict(), f"upstream={decision.upstream} rule={decision.rule or '-'} by={decision.by}")
 
 
-@cli.command()
-@_store_option()
-@click.option("--target", type=click.Choice(["nginx", "envoy"]), default="nginx", show_default=True)
-@click.option("--nginx-conf", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="The one file the agent owns; include it inside nginx's http {} block.")
-@click.option("--nginx-main-conf", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path("/etc/nginx/nginx.conf"), show_default=True)
-@click.option("--nginx-bin", default="nginx", show_default=True)
-@click.option("--verify-listen", default="127.0.0.1:18089", show_default=True,
-              help="Loopback address of the version endpoint rendered into the proxy config.")
-@click.option("--envoy-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Envoy reads its lds/, cds/ and rds/ files from here (see deploy/envoy/bootstrap.yaml).")
-@click.option("--envoy-admin", default="http://127.0.0.1:9901", show_default=True,
-              help="Envoy's loopback admin URL; the agent confirms every apply through its /stats.")
-@click.option("--envoy-bin", default="envoy", show_default=True)
-@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Audit log, last-good cache and status live here.")
-@click.option("--once", is_flag=True, help="Apply the current version once and exit (0 healthy, 1 not).")
-@click.option("--min-apply-interval", type=click.FloatRange(min=0), default=1.0, show_default=True,
-              help="Seconds between applies; bursts of publishes coalesce into one apply.")
-def agent(store_url: str | None, target: str, nginx_conf: Path | None, nginx_main_conf: Path, nginx_bin: str,
-          verify_listen: str, envoy_dir: Path | None, envoy_admin: str, envoy_bin: str, state_dir: Path, once: bool,
-          min_apply_interval: float) -> None:
-    """Watch the store and keep the proxy on its current version."""
-    from grayagent.agent import Agent, AgentSettings
-    from grayagent.targets.base import Target
-    from grayagent.targets.envoy import EnvoySettings, EnvoyTarget
-    from grayagent.targets.nginx import NginxSettings, NginxTarget
+def _agent_flags() -> dict[str, Any]:
+    """The agent options given on the command line (flags beat GRAYAGENT_* and the config file)."""
+    ctx = click.get_current_context()
+    return {name: value for name, value in ctx.params.items()
+            if name not in ("config", "once") and ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
 
-    proxy: Target
-    if target == "envoy":
-        if envoy_dir is None:
-            raise click.UsageError("--envoy-dir is required with --target envoy")
-        proxy = EnvoyTarget(EnvoySettings(envoy_dir=envoy_dir.absolute(), admin_url=envoy_admin, binary=envoy_bin))
-    else:
-        if nginx_conf is None:
-            raise click.UsageError("--nginx-conf is required with --target nginx")
-        proxy = NginxTarget(NginxSettings(conf=nginx_conf.absolute(), main_conf=nginx_main_conf, binary=nginx_bin,
-                                          verify_listen=verify_listen))
-    runner = Agent(_open(store_url), proxy, AgentSettings(state_dir=state_dir,
-                                                          min_apply_interval=min_apply_interval))
+
+@cli.command()
+@click.option("--config", "config", default=None, envvar="GRAYAGENT_CONFIG", metavar="FILE",
+              help="YAML file whose keys mirror these flags (deploy/agent.example.yaml); SIGHUP re-reads it.")
+@click.option("--store", default=None, help="Store URL [env: GRAYAGENT_STORE]")
+@click.option("--target", type=click.Choice(["nginx", "envoy"]), default=None, help="Proxy to drive (default nginx).")
+@click.option("--nginx-conf", default=None, help="The one file the agent owns; include it inside nginx's http {}.")
+@click.option("--nginx-main-conf", default=None, help="nginx's main config, as the master runs it "
+                                                       "(default /etc/nginx/nginx.conf).")
+@click.option("--nginx-bin", default=None, help="nginx binary (default nginx).")
+@click.option("--nginx-reuseport/--no-nginx-reuseport", default=None,
+              help="Render listen ... reuseport, so several nginx on one host can share service ports.")
+@click.option("--verify-listen", default=None,
+              help="Loopback address of the version endpoint rendered into nginx (default 127.0.0.1:18089).")
+@click.option("--envoy-dir", default=None, help="Envoy reads its lds/, cds/ and rds/ files from here "
+                                                "(see deploy/envoy/bootstrap.yaml).")
+@click.option("--envoy-admin", default=None, help="Envoy's loopback admin URL (default http://127.0.0.1:9901).")
+@click.option("--envoy-bin", default=None, help="envoy binary (default envoy).")
+@click.option("--state-dir", default=None, help="Audit log, last-good cache and status live here.")
+@click.option("--host", default=None, help="Name reported in fleet status (default: the hostname).")
+@click.option("--status-listen", default=None, help="Address of /healthz and /metrics (default 127.0.0.1:9180).")
+@click.option("--min-apply-interval", type=click.FloatRange(min=0), default=None,
+              help="Seconds between applies; bursts of publishes coalesce into one apply (default 1).")
+@click.option("--once", is_flag=True, help="Apply the current version once and exit (0 healthy, 1 not).")
+def agent(config: str | None, once: bool, **_: Any) -> None:
+    """Watch the store and keep the proxy on its current version."""
+    from grayagent import agentrun
+
+    flags = _agent_flags()
+    options = agentrun.resolve_options(flags, config)
     if once:
-        sys.exit(0 if runner.sync() else 1)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    runner.run(stop)
+        sys.exit(0 if agentrun.run_once(options) else 1)
+    agentrun.serve(options, lambda: agentrun.resolve_options(flags, config))
 
 
 @cli.command()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,10 @@ from tests.servers.backends import Backend  # noqa: E402
 from tests.servers.nginx import NginxInstance  # noqa: E402
 
 EXAMPLES = ROOT / "examples"
+
+# Agents started through the CLI by tests bind /healthz and /metrics on an ephemeral port, so several can
+# run at once (and beside any agent on this host's default 9180).
+os.environ.setdefault("GRAYAGENT_STATUS_LISTEN", "127.0.0.1:0")
 
 
 @pytest.fixture

@@ -1,0 +1,206 @@
+"""Running the agent as a service: options from flags, environment and a config file; sd_notify; SIGHUP.
+
+Precedence for every option: command-line flag, then GRAYAGENT_<KEY>, then the config file, then the
+default. SIGHUP re-reads the file: a valid new configuration replaces the running agent (the proxy keeps
+serving throughout); an invalid one is logged and audited, and the old one stays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import fastjsonschema
+import jsonschema
+import structlog
+
+from grayagent import sdnotify
+from grayagent.agent import Agent, AgentSettings
+from grayagent.errors import InvalidDocument, Problem, UsageError
+from grayagent.model import format_path, load_data
+from grayagent.observe import StatusServer
+from grayagent.stores import open_store, resolve_store_url
+from grayagent.targets.base import Target
+
+log = structlog.get_logger("grayagent.agentrun")
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    store: str | None = None
+    target: str = "nginx"
+    state_dir: str | None = None
+    host: str = field(default_factory=socket.gethostname)
+    min_apply_interval: float = 1.0
+    status_listen: str = "127.0.0.1:9180"
+    log_level: str = "info"
+    nginx_conf: str | None = None
+    nginx_main_conf: str = "/etc/nginx/nginx.conf"
+    nginx_bin: str = "nginx"
+    nginx_reuseport: bool = False
+    verify_listen: str = "127.0.0.1:18089"
+    envoy_dir: str | None = None
+    envoy_admin: str = "http://127.0.0.1:9901"
+    envoy_bin: str = "envoy"
+
+
+OPTION_KEYS = tuple(f.name for f in dataclasses.fields(AgentOptions))
+
+
+@functools.cache
+def _config_schema() -> dict[str, Any]:
+    text = resources.files("grayagent").joinpath("schema/agent-config.schema.json").read_text("utf-8")
+    loaded: dict[str, Any] = json.loads(text)
+    return loaded
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """The config file's keys, validated; raises InvalidDocument naming the file and the key."""
+    try:
+        content = Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidDocument([Problem(path, "", exc.strerror or str(exc))]) from None
+    data = load_data(content, path)
+    if data is None:
+        return {}
+    try:
+        fastjsonschema.validate(_config_schema(), data)
+    except fastjsonschema.JsonSchemaException:
+        validator = jsonschema.Draft7Validator(_config_schema())
+        problems = [Problem(path, format_path(e.absolute_path), e.message if e.validator != "additionalProperties"
+                            else f"unknown key (known: {', '.join(OPTION_KEYS)})")
+                    for e in validator.iter_errors(data)]
+        raise InvalidDocument(problems) from None
+    return dict(data)
+
+
+def _env_value(key: str, raw: str) -> Any:
+    kind = {f.name: f.type for f in dataclasses.fields(AgentOptions)}[key]
+    if "float" in str(kind):
+        try:
+            return float(raw)
+        except ValueError:
+            raise UsageError(f"GRAYAGENT_{key.upper()}: {raw!r} is not a number") from None
+    if "bool" in str(kind):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    return raw
+
+
+def resolve_options(flags: Mapping[str, Any], config_path: str | None,
+                    environ: Mapping[str, str] = os.environ) -> AgentOptions:
+    """Merge the four sources; `flags` holds only the options given on the command line."""
+    merged: dict[str, Any] = load_config_file(config_path) if config_path else {}
+    for key in OPTION_KEYS:
+        env = environ.get(f"GRAYAGENT_{key.upper()}")
+        if env is not None and env != "":
+            merged[key] = _env_value(key, env)
+    merged.update({k: v for k, v in flags.items() if v is not None})
+    options = AgentOptions(**merged)
+    if not options.state_dir:
+        raise UsageError("--state-dir is required (flag, GRAYAGENT_STATE_DIR, or state_dir in the config file)")
+    if options.target == "nginx" and not options.nginx_conf:
+        raise UsageError("--nginx-conf is required with --target nginx")
+    if options.target == "envoy" and not options.envoy_dir:
+        raise UsageError("--envoy-dir is required with --target envoy")
+    return options
+
+
+def build_target(options: AgentOptions) -> Target:
+    if options.target == "envoy":
+        from grayagent.targets.envoy import EnvoySettings, EnvoyTarget
+
+        assert options.envoy_dir is not None
+        return EnvoyTarget(EnvoySettings(envoy_dir=Path(options.envoy_dir).absolute(), admin_url=options.envoy_admin,
+                                         binary=options.envoy_bin))
+    from grayagent.targets.nginx import NginxSettings, NginxTarget
+
+    assert options.nginx_conf is not None
+    return NginxTarget(NginxSettings(conf=Path(options.nginx_conf).absolute(), main_conf=Path(options.nginx_main_conf),
+                                     binary=options.nginx_bin, verify_listen=options.verify_listen,
+                                     reuseport=options.nginx_reuseport))
+
+
+def build_agent(options: AgentOptions) -> Agent:
+    assert options.state_dir is not None
+    store = open_store(resolve_store_url(options.store))
+    settings = AgentSettings(state_dir=Path(options.state_dir), min_apply_interval=options.min_apply_interval,
+                             host=options.host)
+    return Agent(store, build_target(options), settings)
+
+
+def run_once(options: AgentOptions) -> bool:
+    agent = build_agent(options)
+    try:
+        return agent.sync()
+    finally:
+        agent.store.close()
+
+
+def watchdog_ping() -> None:
+    sdnotify.notify("WATCHDOG=1")
+
+
+def start_status_server(listen: str, agent: Agent) -> StatusServer:
+    def status() -> dict[str, Any]:
+        return agent.status.as_dict()
+
+    try:
+        return StatusServer(listen, agent.metrics, agent.health, status).start()
+    except OSError as exc:
+        raise UsageError(f"--status-listen {listen}: {exc.strerror or exc}") from None
+
+
+def serve(options: AgentOptions, reload_options: Callable[[], AgentOptions]) -> None:
+    """Run until SIGTERM/SIGINT; SIGHUP re-reads the configuration through `reload_options`."""
+    stop = threading.Event()
+    reload_requested = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
+    notified_ready = False
+
+    while True:
+        agent = build_agent(options)
+        server = start_status_server(options.status_listen, agent)
+        run_stop = threading.Event()
+
+        def ready(a: Agent = agent) -> None:
+            nonlocal notified_ready
+            if not notified_ready:
+                sdnotify.notify(f"READY=1\nSTATUS=serving version {a.status.applied_version}")
+                notified_ready = True
+
+        def relay(run_stop: threading.Event = run_stop) -> None:
+            while not run_stop.is_set():
+                if stop.wait(0.2) or reload_requested.is_set():
+                    run_stop.set()
+
+        relayer = threading.Thread(target=relay, name="signal-relay", daemon=True)
+        relayer.start()
+        try:
+            agent.run(run_stop, ready=ready, heartbeat=watchdog_ping)
+        finally:
+            server.stop()
+            agent.store.close()
+        if stop.is_set():
+            sdnotify.notify("STOPPING=1")
+            return
+        reload_requested.clear()
+        sdnotify.notify("RELOADING=1")
+        try:
+            options = reload_options()
+            log.info("configuration reloaded")
+        except (InvalidDocument, UsageError) as exc:
+            agent.audit.append("config-refused", error=str(exc).replace("\n", "; "))
+            log.error("configuration refused; keeping the running one", error=str(exc).replace("\n", "; "))
+        sdnotify.notify("READY=1")
