@@ -102,6 +102,53 @@ class Listen:
 
 
 @dataclass(frozen=True, slots=True)
+class RolloutStep:
+    """One step: set the canary's weight (hundredths of a percent), or pause (seconds, or manual)."""
+
+    weight: int | None = None
+    pause: float | None = None
+    manual: bool = False
+
+    def describe(self) -> str:
+        if self.weight is not None:
+            return f"weight {Decimal(self.weight) / 100:g}%"
+        return "pause until promoted" if self.manual else f"pause {self.pause:g}s"
+
+
+@dataclass(frozen=True, slots=True)
+class PrometheusQueries:
+    url: str
+    error_rate_query: str
+    p99_query: str | None = None
+    requests_query: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Analysis:
+    interval: float                        # seconds
+    min_requests: int = 0
+    max_error_rate: float | None = None    # 5xx share, 0..1
+    max_p99_latency_ms: float | None = None
+    relative_to_stable: bool = False
+    max_error_rate_factor: float | None = None
+    max_p99_latency_factor: float | None = None
+    prometheus: PrometheusQueries | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rollout:
+    """How `grayagent rollout` ramps one service's split; agents ignore it."""
+
+    canary: str
+    stable: str
+    steps: tuple[RolloutStep, ...]
+    analysis: Analysis | None = None
+    failure_limit: int = 0
+    max_duration: float | None = None      # seconds
+    on_failure: Literal["revert", "zero"] = "revert"
+
+
+@dataclass(frozen=True, slots=True)
 class Service:
     name: str
     listen: Listen
@@ -110,6 +157,7 @@ class Service:
     default: str
     rules: tuple[Rule, ...]
     split: Split | None
+    rollout: Rollout | None = None
 
     def upstream_names(self) -> tuple[str, ...]:
         return tuple(u.name for u in self.upstreams)
@@ -291,6 +339,17 @@ def parse_weight(value: Any) -> int | None:
     return int(hundredths)
 
 
+DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """'500ms', '30s', '5m', '1h' (decimals allowed) as seconds; raises ValueError otherwise."""
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)", text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration like 30s, 5m or 1h")
+    return float(match.group(1)) * DURATION_UNITS[match.group(2)]
+
+
 def parse_listen(value: int | str) -> Listen | None:
     if isinstance(value, int):
         return Listen("", value) if 1 <= value <= 65535 else None
@@ -410,8 +469,74 @@ class _Checker:
             seen_rules.add(rule_raw["name"])
             rules.append(self.rule(rule_raw, [*path, "rules", i], names))
         split = self.split(raw["split"], [*path, "split"], raw["name"], names) if "split" in raw else None
+        rollout = None
+        if "rollout" in raw:
+            rollout = self.rollout(raw["rollout"], [*path, "rollout"], raw["default"], names, split)
         return Service(raw["name"], listen, tuple(h.lower() for h in raw.get("hosts", [])), upstreams,
-                       raw["default"], tuple(rules), split)
+                       raw["default"], tuple(rules), split, rollout)
+
+    def rollout(self, raw: dict[str, Any], path: list[str | int], default: str, upstreams: set[str],
+                split: Split | None) -> Rollout:
+        canary, stable = raw["canary"], raw.get("stable", default)
+        for key, name in (("canary", canary), ("stable", stable)):
+            if name not in upstreams:
+                self.problem([*path, key], f"unknown upstream {name!r}")
+        if canary == stable:
+            self.problem([*path, "canary"], f"the canary and the stable upstream are both {canary!r}")
+        # The controller only rewrites split weights, so the split must exist and name both upstreams.
+        others = 0
+        if split is None:
+            self.problem(path, "a rollout ramps the service's split; add a split whose weights name "
+                               f"{stable!r} and {canary!r}")
+        else:
+            named = {n for n, _ in split.weights}
+            for name in (stable, canary):
+                if name not in named:
+                    self.problem([*path[:-1], "split", "weights"], f"the rollout needs a weight for {name!r}")
+            others = sum(w for n, w in split.weights if n not in (stable, canary))
+        steps: list[RolloutStep] = []
+        for i, step in enumerate(raw["steps"]):
+            if "weight" in step:
+                hundredths = parse_weight(step["weight"])
+                if hundredths is None:
+                    self.problem([*path, "steps", i, "weight"], f"{step['weight']} has more than two decimals")
+                    continue
+                if hundredths + others > 10000:
+                    self.problem([*path, "steps", i, "weight"],
+                                 f"{step['weight']}% plus the other upstreams' {Decimal(others) / 100}% exceeds 100")
+                steps.append(RolloutStep(weight=hundredths))
+            elif step["pause"] == "manual":
+                steps.append(RolloutStep(manual=True))
+            else:
+                steps.append(RolloutStep(pause=parse_duration(step["pause"])))
+        analysis = self.analysis(raw["analysis"], [*path, "analysis"]) if "analysis" in raw else None
+        max_duration = parse_duration(raw["maxDuration"]) if "maxDuration" in raw else None
+        return Rollout(canary, stable, tuple(steps), analysis, int(raw.get("failureLimit", 0)), max_duration,
+                       raw.get("onFailure", "revert"))
+
+    def analysis(self, raw: dict[str, Any], path: list[str | int]) -> Analysis:
+        interval = parse_duration(raw["interval"])
+        if interval < 0.1:
+            self.problem([*path, "interval"], "shorter than 100ms")
+        relative = raw.get("relativeTo") == "stable"
+        factors = [k for k in ("maxErrorRateFactor", "maxP99LatencyFactor") if k in raw]
+        if relative and not factors:
+            self.problem([*path, "relativeTo"], "give maxErrorRateFactor or maxP99LatencyFactor to compare with")
+        for key in factors:
+            if not relative:
+                self.problem([*path, key], "needs relativeTo: stable")
+        checks = [k for k in ("maxErrorRate", "maxP99LatencyMs", *factors) if k in raw]
+        if not checks:
+            self.problem(path, "give at least one threshold: maxErrorRate, maxP99LatencyMs, or a factor")
+        prom = raw.get("prometheus")
+        queries = None
+        if prom is not None:
+            queries = PrometheusQueries(prom["url"], prom["errorRateQuery"], prom.get("p99Query"),
+                                        prom.get("requestsQuery"))
+            if "maxP99LatencyMs" in raw and queries.p99_query is None:
+                self.problem([*path, "prometheus"], "maxP99LatencyMs needs a p99Query")
+        return Analysis(interval, int(raw.get("minRequests", 0)), raw.get("maxErrorRate"), raw.get("maxP99LatencyMs"),
+                        relative, raw.get("maxErrorRateFactor"), raw.get("maxP99LatencyFactor"), queries)
 
     def release(self, data: dict[str, Any]) -> Release:
         services: list[Service] = []
