@@ -36,6 +36,9 @@ from grayagent.targets.base import Target
 log = structlog.get_logger("grayagent.agent")
 
 CACHE_FILE = "last-good.json"
+CACHE_DIR = "cache"
+CACHE_KEEP = 20
+PIN_FILE = "pinned.json"  # written by `grayagent local-revert`: the agent applies nothing from the store
 STATUS_FILE = "status.json"
 
 
@@ -62,6 +65,7 @@ class AgentStatus:
     store_reachable: bool = False
     last_error: str | None = None
     serving_from_cache: bool = False
+    pinned: int | None = None
     applies: int = 0
     failures: int = 0
     updated: str = field(default_factory=utc_now)
@@ -114,22 +118,49 @@ class StatusReporter:
 
 
 def save_cache(state_dir: Path, record: VersionRecord) -> None:
-    entry = {**record.meta.as_dict(), "content": record.content.decode("utf-8")}
-    atomic_write(state_dir / CACHE_FILE, json.dumps(entry, ensure_ascii=False).encode(), RENDERED_MODE)
+    """last-good.json for start-up without the store, and cache/<N>.json for a break-glass local revert."""
+    entry = json.dumps({**record.meta.as_dict(), "content": record.content.decode("utf-8")},
+                       ensure_ascii=False).encode()
+    atomic_write(state_dir / CACHE_DIR / f"{record.version:010d}.json", entry, RENDERED_MODE)
+    atomic_write(state_dir / CACHE_FILE, entry, RENDERED_MODE)
+    for old in sorted((state_dir / CACHE_DIR).glob("*.json"))[:-CACHE_KEEP]:
+        old.unlink(missing_ok=True)
+
+
+def cached_versions(state_dir: Path) -> list[VersionRecord]:
+    """The versions this host applied recently, oldest first."""
+    out = []
+    for path in sorted((state_dir / CACHE_DIR).glob("*.json")):
+        record = _read_record(path)
+        if record is not None:
+            out.append(record)
+    return out
+
+
+def read_pin(state_dir: Path) -> dict[str, Any] | None:
+    try:
+        pin: dict[str, Any] = json.loads((state_dir / PIN_FILE).read_bytes())
+        return pin
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def load_cache(state_dir: Path) -> VersionRecord | None:
+    return _read_record(state_dir / CACHE_FILE)
+
+
+def _read_record(path: Path) -> VersionRecord | None:
     try:
-        data = json.loads((state_dir / CACHE_FILE).read_bytes())
+        data = json.loads(path.read_bytes())
         content = str(data.pop("content")).encode("utf-8")
         meta = VersionMeta(**data)
     except FileNotFoundError:
         return None
     except (ValueError, TypeError, KeyError) as exc:
-        log.warning("cache unreadable; ignoring it", path=str(state_dir / CACHE_FILE), error=str(exc))
+        log.warning("cache unreadable; ignoring it", path=str(path), error=str(exc))
         return None
     if digest_of(content) != meta.digest:
-        log.warning("cache digest mismatch; ignoring it", path=str(state_dir / CACHE_FILE))
+        log.warning("cache digest mismatch; ignoring it", path=str(path))
         return None
     return VersionRecord(meta, content)
 
@@ -204,6 +235,17 @@ class Agent:
 
     def sync(self) -> bool:
         """Bring the proxy to the store's current version (or the cache if the store is down). True if healthy."""
+        pin = read_pin(self.settings.state_dir)
+        if pin is not None:
+            # Break-glass: an operator pinned a cached version locally; the store must not undo it.
+            self.status.pinned = int(pin.get("version", 0))
+            # The local revert put the pinned version live, so that is what this host now serves.
+            self.status.applied_version, self.status.applied_digest = self.status.pinned, pin.get("digest")
+            self.status.healthy = self.target.live_version() == (self.status.pinned, pin.get("digest"))
+            self.status.last_error = None if self.status.healthy else "pinned version is not live"
+            self._publish_status()
+            return self.status.healthy
+        self.status.pinned = None
         record = self._read_current()
         if record is False or record is None:
             # Store down, or empty (a wiped directory): keep serving, from the cache if nothing is applied yet.

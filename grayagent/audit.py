@@ -10,6 +10,7 @@ consistent log; anchor the head elsewhere (the fleet status carries it) when tha
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -32,42 +33,43 @@ def entry_hash(entry: dict[str, Any]) -> str:
 
 
 class AuditLog:
+    """Appends are serialised across processes with flock(), and each one re-reads the chain's tail under
+    the lock: the agent and a break-glass `grayagent local-revert` may write to the same log."""
+
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / "audit.jsonl"
         self.head_path = state_dir / "audit.head"
         self._lock = threading.Lock()
-        self._seq, self._prev = self._tail()
 
-    def _tail(self) -> tuple[int, str]:
-        """Continue the chain from the last readable line (a torn last line from a crash is skipped)."""
-        last: dict[str, Any] | None = None
-        try:
-            with open(self.path, "rb") as f:
-                for raw in f:
-                    try:
-                        last = json.loads(raw)
-                    except ValueError:
-                        continue
-        except FileNotFoundError:
-            return 0, GENESIS
-        if not last:
-            return 0, GENESIS
-        return int(last.get("seq", 0)), str(last.get("hash", GENESIS))
+    @staticmethod
+    def _tail(fd: int) -> tuple[int, str]:
+        """seq and hash of the last complete line (a torn line from a crash is skipped)."""
+        size = os.fstat(fd).st_size
+        chunk = min(size, 1 << 20)
+        data = os.pread(fd, chunk, size - chunk) if chunk else b""
+        for raw in reversed(data.split(b"\n")):
+            if not raw.strip():
+                continue
+            try:
+                last = json.loads(raw)
+            except ValueError:
+                continue
+            return int(last.get("seq", 0)), str(last.get("hash", GENESIS))
+        return 0, GENESIS
 
     def append(self, event: str, **fields: Any) -> dict[str, Any]:
         with self._lock:
-            entry: dict[str, Any] = {"seq": self._seq + 1, "time": utc_now(), "event": event, **fields,
-                                     "prev": self._prev}
-            entry["hash"] = entry_hash(entry)
-            line = _canonical(entry) + b"\n"
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, RENDERED_MODE)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, RENDERED_MODE)
             try:
-                os.write(fd, line)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                seq, prev = self._tail(fd)
+                entry: dict[str, Any] = {"seq": seq + 1, "time": utc_now(), "event": event, **fields, "prev": prev}
+                entry["hash"] = entry_hash(entry)
+                os.write(fd, _canonical(entry) + b"\n")
                 os.fsync(fd)
+                atomic_write(self.head_path, _canonical({"seq": entry["seq"], "hash": entry["hash"]}) + b"\n")
             finally:
-                os.close(fd)
-            self._seq, self._prev = entry["seq"], entry["hash"]
-            atomic_write(self.head_path, _canonical({"seq": self._seq, "hash": self._prev}) + b"\n")
+                os.close(fd)  # releases the flock
             return entry
 
 

@@ -229,6 +229,39 @@ def agent(config: str | None, once: bool, **_: Any) -> None:
     agentrun.serve(options, lambda: agentrun.resolve_options(flags, config))
 
 
+@cli.command(name="local-revert")
+@click.argument("version", type=click.IntRange(min=1), required=False)
+@click.option("--config", "config", default=None, envvar="GRAYAGENT_CONFIG", metavar="FILE",
+              help="The agent's config file (its target and state dir are used).")
+@click.option("--state-dir", default=None, help="The agent's state dir (overrides the config file).")
+@click.option("--list", "list_versions", is_flag=True, help="List the versions cached on this host.")
+@click.option("--unpin", is_flag=True, help="Let the agent follow the store again.")
+@click.option("-m", "--message", default="break-glass local revert", help="Why (goes into the audit log).")
+@OUTPUT
+def local_revert(version: int | None, config: str | None, state_dir: str | None, list_versions: bool, unpin: bool,
+                 message: str, output: str) -> None:
+    """Break-glass: apply VERSION from this host's cache and pin it, without the store."""
+    from grayagent import agentrun
+
+    flags = {"state_dir": state_dir} if state_dir else {}
+    options = agentrun.resolve_options(flags, config)
+    if list_versions:
+        versions = agentrun.local_versions(options)
+        _emit(output, versions, "\n".join(f"{v['version']:>7}  {v['created']:27}  {v['digest'][:19]}  "
+                                           f"{'PINNED  ' if v['pinned'] else ''}{v['message']}" for v in versions))
+        return
+    if unpin:
+        released = agentrun.unpin(options)
+        _emit(output, {"unpinned": released}, "unpinned: the agent follows the store again" if released
+              else "nothing was pinned")
+        return
+    if version is None:
+        raise click.UsageError("give a VERSION, or --list, or --unpin")
+    pin = agentrun.local_revert(options, version, message)
+    _emit(output, pin, f"version {version} applied and pinned on this host; publish `grayagent revert {version}` "
+                       "when the store is back, then `grayagent local-revert --unpin`")
+
+
 @cli.command()
 @_store_option()
 @click.option("--wait", "wait_seconds", type=click.FloatRange(min=0), default=None, metavar="SECONDS",

@@ -174,6 +174,8 @@ class FileStore:
 
     def report(self, host: str, status: dict[str, object]) -> None:
         """agents/<host>.json with an expiry, since a directory has no leases."""
+        if not self.root.is_dir():  # never recreate a vanished store just to report into it
+            raise StoreError(f"{self.url}: no such directory")
         entry = {**status, "host": host, "expires_unix": time.time() + AGENT_ENTRY_TTL}
         atomic_write(self.root / "agents" / f"{_safe_host(host)}.json", json.dumps(entry, sort_keys=True).encode())
 
