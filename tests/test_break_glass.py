@@ -13,7 +13,7 @@ from pathlib import Path
 from grayagent.stores.file import FileStore
 from tests.agenthelp import Client, grayagent, nginx_target, wait_live
 from tests.docs import document, dump, service
-from tests.servers.proc import free_port, wait_until
+from tests.servers.proc import free_port
 
 
 def test_local_revert_from_cache_while_store_is_down(tmp_path: Path, nginx, backends) -> None:
