@@ -2,9 +2,11 @@
 through the admin endpoint, and restore the last-good files on any failure.
 
 Envoy watches lds/, cds/ and rds/ under the Envoy dir and re-reads a file when one is renamed into its
-directory. Every file of one apply carries the same version_info, which Envoy reports back as the
+directory. Each file carries a version_info (`<version>-<digest>`), which Envoy reports back as the
 `version_text` stat once it has accepted the file; a rejected file raises `update_rejected` (or
-`update_failure` when it cannot be parsed) and Envoy keeps serving what it had.
+`update_failure` when it cannot be parsed) and Envoy keeps serving what it had. Every apply rewrites the
+routes; listener and cluster files are rewritten only when their resources change, so a rule change
+never makes Envoy read, let alone replace, a listener.
 """
 
 from __future__ import annotations
@@ -124,11 +126,11 @@ class EnvoyTarget:
             raise StepFailed(f"envoy admin {self.settings.admin_url} unreachable: {exc}") from None
         if status != 200:
             raise StepFailed(f"envoy admin answered {status} for /stats")
-        out: Stats = {}
-        for entry in json.loads(body).get("stats", []):
-            if "name" in entry and "value" in entry:
-                out[entry["name"]] = entry["value"]
-        return out
+        try:
+            entries = json.loads(body).get("stats", [])
+        except ValueError:
+            raise StepFailed("envoy admin /stats did not answer JSON") from None
+        return {e["name"]: e["value"] for e in entries if "name" in e and "value" in e}
 
     def live_version(self) -> tuple[int, str] | None:
         """The version Envoy serves: every file in place is accepted, and every listener's routes carry it.
@@ -138,8 +140,11 @@ class EnvoyTarget:
         try:
             stats = self._stats()
             files = self.installed()
-        except (StepFailed, OSError):
+            return self._live(stats, files)
+        except (StepFailed, OSError, ValueError):
             return None
+
+    def _live(self, stats: Stats, files: Mapping[str, bytes]) -> tuple[int, str] | None:
         if LDS_FILE not in files or CDS_FILE not in files:
             return None
         for path in (LDS_FILE, CDS_FILE):
@@ -160,8 +165,9 @@ class EnvoyTarget:
         out = dict(files)
         for path in (LDS_FILE, CDS_FILE):
             old = previous.get(path)
-            if old is not None and json.loads(old).get("resources") == json.loads(files[path])["resources"]:
-                out[path] = old
+            with contextlib.suppress(ValueError):  # an unreadable file in place is simply replaced
+                if old is not None and json.loads(old).get("resources") == json.loads(files[path])["resources"]:
+                    out[path] = old
         return out
 
     # ------------------------------------------------------------------ steps
@@ -297,7 +303,7 @@ class EnvoyTarget:
                 live = self.live_version()
                 if live != (version, digest):
                     raise StepFailed(f"envoy accepted every file but reports version {live[0] if live else None}")
-        except (StepFailed, OSError) as exc:
+        except (StepFailed, OSError, ValueError) as exc:
             result.error = str(exc)
             self._restore(previous, result)
             return result
@@ -313,5 +319,5 @@ class EnvoyTarget:
                 # From whatever mix is in place now: the failed attempt's files up to where it stopped.
                 self._install(self.installed(), previous)
                 result.restored = True
-            except (StepFailed, OSError) as exc:
+            except (StepFailed, OSError, ValueError) as exc:
                 result.error = f"{result.error}; restoring last-good also failed: {exc}"
