@@ -30,6 +30,7 @@ from grayagent.errors import GrayagentError, InvalidDocument
 from grayagent.fsutil import RENDERED_MODE, atomic_write
 from grayagent.model import parse_document
 from grayagent.observe import AgentMetrics
+from grayagent.rollout.traffic import TrafficCollector, TrafficSource
 from grayagent.stores.base import FleetStatus, Store, VersionMeta, VersionRecord, digest_of, utc_now
 from grayagent.targets.base import Target
 
@@ -51,6 +52,7 @@ class AgentSettings:
     retry_initial: float = 2.0
     retry_max: float = 300.0
     store_retry_max: float = 30.0
+    status_interval: float = 10.0     # fleet status re-report period; it carries the traffic counters too
     host: str = field(default_factory=socket.gethostname)
 
 
@@ -82,10 +84,12 @@ class StatusReporter:
     an entry lost with an expired lease comes back.
     """
 
-    def __init__(self, fleet: FleetStatus, host: str, every: float = 10.0) -> None:
+    def __init__(self, fleet: FleetStatus, host: str, every: float = 10.0,
+                 extra: Callable[[], dict[str, Any]] | None = None) -> None:
         self.fleet = fleet
         self.host = host
         self.every = every
+        self.extra = extra  # read at send time: fresh figures (traffic counters) on every report
         self._latest: dict[str, Any] | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -107,7 +111,7 @@ class StatusReporter:
             if latest is None or self._stop.is_set():
                 continue
             try:
-                self.fleet.report(self.host, latest)
+                self.fleet.report(self.host, {**latest, **self.extra()} if self.extra is not None else latest)
             except Exception as exc:  # reporting must never stop the agent
                 log.warning("status report failed", error=str(exc))
 
@@ -177,14 +181,22 @@ class Agent:
         self.audit = AuditLog(settings.state_dir)
         self.status = AgentStatus(host=settings.host, target=target.name)
         self.on_status = on_status
-        self.reporter = StatusReporter(store, settings.host) if isinstance(store, FleetStatus) else None
         self.metrics = AgentMetrics(target.name)
+        # Per-upstream figures from the gateway (nginx: its JSON access log), for the rollout controller.
+        self.traffic: TrafficSource | None = getattr(target, "traffic", None)
+        if self.traffic is not None:
+            self.metrics.registry.register(TrafficCollector(self.traffic.counters, target.name))
+        self.reporter = StatusReporter(store, settings.host, settings.status_interval, self._traffic_status) \
+            if isinstance(store, FleetStatus) else None
         self._wake = threading.Event()
         self._refused: set[tuple[int, str]] = set()
         self._retry_at: dict[tuple[int, str], tuple[float, float]] = {}  # key -> (due, current delay)
         self._store_delay = 0.0
         self._store_retry_at = 0.0
         self._last_apply = -1e9
+
+    def _traffic_status(self) -> dict[str, Any]:
+        return {"traffic": self.traffic.snapshot()} if self.traffic is not None else {}
 
     # ------------------------------------------------------------------ watch handler (watch thread)
 
@@ -358,6 +370,8 @@ class Agent:
         watcher.start()
         if self.reporter is not None:
             self.reporter.start()
+        if self.traffic is not None:
+            self.traffic.start()
         self.audit.append("start", target=self.target.name, store=self.store.url, host=self.settings.host)
         self.sync()
         if ready is not None and self.is_ready():
@@ -382,6 +396,8 @@ class Agent:
         self.audit.append("stop", target=self.target.name)
         if self.reporter is not None:
             self.reporter.stop()
+        if self.traffic is not None:
+            self.traffic.stop()
         watcher.join(timeout=5)
 
     def _watch(self, stop: threading.Event) -> None:

@@ -48,6 +48,8 @@ class AgentOptions:
     nginx_main_conf: str = "/etc/nginx/nginx.conf"
     nginx_bin: str = "nginx"
     nginx_reuseport: bool = False
+    nginx_access_log: str | None = None
+    status_interval: float = 10.0
     verify_listen: str = "127.0.0.1:18089"
     envoy_dir: str | None = None
     envoy_admin: str = "http://127.0.0.1:9901"
@@ -127,14 +129,15 @@ def build_target(options: AgentOptions) -> Target:
     assert options.nginx_conf is not None
     return NginxTarget(NginxSettings(conf=Path(options.nginx_conf).absolute(), main_conf=Path(options.nginx_main_conf),
                                      binary=options.nginx_bin, verify_listen=options.verify_listen,
-                                     reuseport=options.nginx_reuseport))
+                                     reuseport=options.nginx_reuseport,
+                                     access_log=Path(options.nginx_access_log) if options.nginx_access_log else None))
 
 
 def build_agent(options: AgentOptions) -> Agent:
     assert options.state_dir is not None
     store = open_store(resolve_store_url(options.store))
     settings = AgentSettings(state_dir=Path(options.state_dir), min_apply_interval=options.min_apply_interval,
-                             host=options.host)
+                             host=options.host, status_interval=options.status_interval)
     return Agent(store, build_target(options), settings)
 
 

@@ -206,6 +206,10 @@ def _agent_flags() -> dict[str, Any]:
 @click.option("--nginx-bin", default=None, help="nginx binary (default nginx).")
 @click.option("--nginx-reuseport/--no-nginx-reuseport", default=None,
               help="Render listen ... reuseport, so several nginx on one host can share service ports.")
+@click.option("--nginx-access-log", default=None, metavar="PATH",
+              help="Render a JSON access log here and tail it for per-upstream figures (rollout analysis).")
+@click.option("--status-interval", type=click.FloatRange(min=0.05), default=None,
+              help="Seconds between fleet status reports, which carry the traffic figures (default 10).")
 @click.option("--verify-listen", default=None,
               help="Loopback address of the version endpoint rendered into nginx (default 127.0.0.1:18089).")
 @click.option("--envoy-dir", default=None, help="Envoy reads its lds/, cds/ and rds/ files from here "

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from grayagent.errors import UsageError
 from grayagent.fsutil import atomic_write
 from grayagent.model import Release
+from grayagent.rollout.traffic import AccessLogTailer
 from grayagent.targets.base import ApplyResult, RenderedFiles, StepFailed, http_get, poll_until, run_command
 from grayagent.targets.nginx_render import VERSION_PATH, NginxOptions, render
 
@@ -21,6 +24,7 @@ class NginxSettings:
     verify_listen: str = "127.0.0.1:18089"
     verify_timeout: float = 5.0
     reuseport: bool = False
+    access_log: Path | None = None              # JSON access log for rollout figures; None = off
 
 
 def _first_error(output: str) -> str:
@@ -36,7 +40,15 @@ class NginxTarget:
 
     def __init__(self, settings: NginxSettings) -> None:
         self.settings = settings
-        self.options = NginxOptions(verify_listen=settings.verify_listen, reuseport=settings.reuseport)
+        access_log = ""
+        if settings.access_log is not None:
+            access_log = str(settings.access_log)
+            if not re.fullmatch(r"/[A-Za-z0-9._/-]{1,1000}", access_log):  # nginx would expand $ in a path
+                raise UsageError(f"--nginx-access-log: {access_log}: use an absolute path of [A-Za-z0-9._/-]")
+        self.options = NginxOptions(verify_listen=settings.verify_listen, reuseport=settings.reuseport,
+                                    access_log=access_log)
+        # The agent starts and stops this; it turns the access log into per-upstream counters.
+        self.traffic = AccessLogTailer(settings.access_log) if settings.access_log is not None else None
 
     def render(self, release: Release, version: int, digest: str) -> RenderedFiles:
         return {self.settings.conf.name: render(release, version, digest, self.options).encode("ascii")}

@@ -6,6 +6,8 @@ so a proxy in front of it can push a few thousand requests a second through one 
 
     with Backend("stable") as b:      # or b = Backend("stable").start(); ...; b.stop()
         b.port, b.url, b.requests      # `requests`: the last few (method, target, headers) seen
+        b.fail(0.1, status=503)        # from now on about 10 % of answers are 503 (deterministic spread)
+        b.slow(0.2)                    # and every answer takes 200 ms more; b.fail(0), b.slow(0) undo
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 import socket
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 
@@ -64,9 +67,12 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         if length:
             self.rfile.read(length)
-        backend._record(self.command, self.path, list(self.headers.items()))
+        failing = backend._record(self.command, self.path, list(self.headers.items()))
+        if backend.delay:
+            time.sleep(backend.delay)
         body = backend.name.encode()
-        head = (f"HTTP/1.1 200 OK\r\nX-Backend: {backend.name}\r\nContent-Type: text/plain\r\n"
+        code = f"{backend.fail_status} Failing" if failing else "200 OK"
+        head = (f"HTTP/1.1 {code}\r\nX-Backend: {backend.name}\r\nContent-Type: text/plain\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
         self.wfile.write(head + (b"" if self.command == "HEAD" else body))
 
@@ -88,11 +94,31 @@ class Backend:
         self._lock = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self.fail_ratio = 0.0
+        self.fail_status = 503
+        self.delay = 0.0
+        self._fail_debt = 0.0
 
-    def _record(self, method: str, target: str, headers: list[tuple[str, str]]) -> None:
+    def fail(self, ratio: float, status: int = 503) -> Backend:
+        """Answer `ratio` of the requests with `status`, spread evenly (every 10th at 0.1), not at random."""
+        with self._lock:
+            self.fail_ratio, self.fail_status, self._fail_debt = ratio, status, 0.0
+        return self
+
+    def slow(self, seconds: float) -> Backend:
+        self.delay = seconds
+        return self
+
+    def _record(self, method: str, target: str, headers: list[tuple[str, str]]) -> bool:
+        """Count the request; True when this one should fail."""
         with self._lock:
             self.count += 1
             self.requests.append((method, target, headers))
+            self._fail_debt += self.fail_ratio
+            if self._fail_debt >= 1.0:
+                self._fail_debt -= 1.0
+                return True
+            return False
 
     @property
     def port(self) -> int:

@@ -1,0 +1,110 @@
+"""Per-upstream figures from a real nginx: the rendered JSON access log, tailed by the agent, on /metrics and
+in the fleet status entry; and the tailer across rotation and truncation."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from grayagent.agent import Agent, AgentSettings
+from grayagent.observe import AgentMetrics
+from grayagent.rollout.traffic import AccessLogTailer, TrafficCollector, parse_line
+from grayagent.stores.file import FileStore
+from grayagent.targets.nginx import NginxSettings, NginxTarget
+from tests.agenthelp import Client, wait_live
+from tests.docs import document, service
+from tests.servers.proc import free_port, wait_until
+from tests.test_nginx_agent import publish
+
+
+def logging_target(nginx, log: Path) -> NginxTarget:
+    return NginxTarget(NginxSettings(conf=nginx.conf, main_conf=nginx.main_conf, binary=nginx.binary,
+                                     verify_listen=nginx.verify_listen, access_log=log))
+
+
+def test_agent_counts_requests_5xx_and_latency_per_upstream(tmp_path: Path, nginx, backends) -> None:
+    import threading
+
+    port = free_port()
+    store = FileStore(str(tmp_path / "store"))
+    servers = {n: [f"127.0.0.1:{backends[n].port}"] for n in ("stable", "canary")}
+    publish(store, document(service(listen=f"127.0.0.1:{port}", servers=servers,
+                                    split={"weights": {"stable": 50, "canary": 50}})))
+    backends["canary"].fail(0.5)
+    agent = Agent(store, logging_target(nginx, tmp_path / "access.json"),
+                  AgentSettings(state_dir=tmp_path / "state", status_interval=0.2))
+    stop = threading.Event()
+    thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        wait_live(nginx, 1)
+        client = Client(port)
+        statuses = [client.get("/")[0] for _ in range(400)]
+        canary_calls = backends["canary"].count
+
+        def counted() -> dict:
+            fleet = store.fleet()
+            return fleet[0].get("traffic", {}).get("upstreams", {}) if fleet else {}
+
+        wait_until(lambda: sum(u["requests"] for u in counted().values()) == 400, 10, "400 requests counted")
+        ups = counted()
+        assert ups["product/canary"]["requests"] == canary_calls
+        assert ups["product/canary"]["errors_5xx"] == statuses.count(503) == canary_calls // 2
+        assert ups["product/stable"]["errors_5xx"] == 0
+        assert ups["product/stable"]["latency_buckets"][-1] == ups["product/stable"]["requests"]
+        text = agent.metrics.exposition().decode()
+        assert f'grayagent_upstream_requests_total{{service="product",target="nginx",upstream="canary"}} ' \
+               f'{float(canary_calls)}' in text
+        assert 'grayagent_upstream_latency_seconds_bucket{le="+Inf",service="product"' in text
+    finally:
+        stop.set()
+        thread.join(15)
+
+
+def test_tailer_survives_rotation_and_truncation(tmp_path: Path) -> None:
+    log = tmp_path / "access.json"
+    log.write_text('{"u":"grayagent.old.stable","st":"200","rt":"0.1","urt":"0.1"}\n')  # before start: skipped
+    tailer = AccessLogTailer(log, poll=0.02).start()
+    try:
+        def line(up: str, status: int, urt: str = "0.004") -> str:
+            return json.dumps({"u": f"grayagent.product.{up}", "st": str(status), "rt": "0.005", "urt": urt}) + "\n"
+
+        def requests(up: str) -> int:
+            return tailer.snapshot()["upstreams"].get(f"product/{up}", {}).get("requests", 0)
+
+        time.sleep(0.1)
+        with log.open("a") as f:
+            f.write(line("canary", 200) + line("canary", 503))
+            f.write(line("canary", 200)[:10])  # half a line: counted once it is complete
+            f.flush()
+            wait_until(lambda: requests("canary") == 2, 5, "two lines")
+            f.write(line("canary", 200)[10:])
+        wait_until(lambda: requests("canary") == 3, 5, "the completed line")
+        os.rename(log, tmp_path / "access.json.1")  # logrotate: rename, then the gateway reopens
+        log.write_text(line("stable", 200) * 5)
+        wait_until(lambda: requests("stable") == 5, 5, "lines in the new file")
+        log.write_text("")  # copytruncate
+        with log.open("a") as f:
+            f.write(line("stable", 502, "-") + "not json\n" + '{"u":"backend_x","st":"200"}\n')
+        wait_until(lambda: requests("stable") == 6, 5, "lines after truncation")
+        snap = tailer.snapshot()["upstreams"]
+        assert snap["product/canary"]["errors_5xx"] == 1 and snap["product/stable"]["errors_5xx"] == 1
+        assert "old/stable" not in json.dumps(snap)
+    finally:
+        tailer.stop()
+
+
+def test_parse_line_and_collector() -> None:
+    assert parse_line(b'{"u":"grayagent.a.b","st":"503","rt":"0.5","urt":"0.1, 0.2 : 0.05"}') == \
+        ("a", "b", 503, 0.35000000000000003)
+    assert parse_line(b'{"u":"grayagent.a.b","st":"502","rt":"0.5","urt":"-"}') == ("a", "b", 502, 0.5)
+    assert parse_line(b'{"u":"other","st":"200"}') is None
+    assert parse_line(b"garbage") is None
+    tailer = AccessLogTailer(Path("/nonexistent"))
+    tailer.counters.observe("a", "b", 200, 0.003)
+    metrics = AgentMetrics("nginx")
+    metrics.registry.register(TrafficCollector(tailer.counters, "nginx"))
+    text = metrics.exposition().decode()
+    assert 'grayagent_upstream_latency_seconds_bucket{le="0.005",service="a",target="nginx",upstream="b"} 1.0' in text
