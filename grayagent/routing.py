@@ -25,6 +25,8 @@ _MASK = 0xFFFFFFFF
 SPLIT_RANGE = 0xFFFFFFFF  # nginx: part->percent * (uint64_t) 0xffffffff / 10000
 
 # The extraction patterns below are also rendered verbatim into nginx `map` regexes and the Envoy Lua filter.
+# nginx 1.22 gives these repeated headers joined (its $http_cookie and $http_x_forwarded_for); others: the first.
+_JOINED_HEADERS = {"cookie": "; ", "x-forwarded-for": ", "}
 COOKIE_PATTERN = "(?:^|;)[ \\t]*{name}=([^;]*)"
 QUERY_PATTERN = "(?:^|&){name}=([^&]*)"
 
@@ -98,15 +100,15 @@ class Request:
               path: str | None = None, source_ip: str | None = None) -> Request:
         """Assemble a request from parts, the way a client would send them.
 
-        Headers may repeat when given as pairs: the first value counts, except that Cookie headers are
-        joined with "; " as nginx does. Values lose leading and trailing spaces and tabs, as in both proxies.
+        Headers may repeat when given as pairs: the first value counts, except that Cookie and
+        X-Forwarded-For headers are joined ("; " and ", ") as nginx does. Values lose leading and trailing spaces and tabs, as in both proxies.
         """
         merged: dict[str, str] = {}
         pairs = headers.items() if isinstance(headers, Mapping) else (headers or ())
         for name, raw in pairs:
             key, value = name.lower(), raw.strip(" \t")
-            if key == "cookie" and key in merged:
-                merged["cookie"] = f"{merged['cookie']}; {value}"
+            if key in _JOINED_HEADERS and key in merged:
+                merged[key] = f"{merged[key]}{_JOINED_HEADERS[key]}{value}"
             else:
                 merged.setdefault(key, value)
         if cookies:

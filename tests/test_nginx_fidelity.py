@@ -62,3 +62,17 @@ def test_nginx_split_agrees_on_random_and_awkward_keys(tmp_path: Path, nginx, ba
     for key, answer in zip(keys, got, strict=True):
         assert answer == route(svc, Request.build(headers={"X-Key": key})).upstream, (key, murmur2(("s" + key).encode()))
     assert {"stable", "beta"} <= set(got)
+
+
+def test_nginx_joins_repeated_cookie_and_forwarded_for_like_the_simulator(tmp_path: Path, nginx, backends) -> None:
+    port = free_port()
+    servers = {n: [f"127.0.0.1:{b.port}"] for n, b in backends.items()}
+    doc = document(service(listen=f"127.0.0.1:{port}", servers=servers, rules=[
+        {"name": "xff", "match": {"headers": {"X-Forwarded-For": {"exact": "1.1.1.1, 2.2.2.2"}}}, "to": "canary"},
+        {"name": "second-cookie", "match": {"cookies": {"b": {"exact": "2"}}}, "to": "beta"}]))
+    _apply(nginx, doc)
+    svc = parse_document(dump(doc), "joined").services[0]
+    cases = [[("X-Forwarded-For", "1.1.1.1"), ("X-Forwarded-For", "2.2.2.2")], [("Cookie", "a=1"), ("Cookie", "b=2")],
+             [("X-Forwarded-For", "1.1.1.1, 2.2.2.2")], [("X-Forwarded-For", "1.1.1.1")]]
+    got = send_all([FidelityRequest("product", "/", h) for h in cases], {"product": port}, workers=1)
+    assert got == [route(svc, Request.build(headers=h)).upstream for h in cases] == ["canary", "beta", "canary", "stable"]

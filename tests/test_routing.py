@@ -102,6 +102,8 @@ def test_random_split_shares_match_weights() -> None:
 
 def test_repeated_cookie_headers_are_joined_like_nginx() -> None:
     from grayagent.model import Field
-    req = Request.build(headers=[("Cookie", ""), ("cookie", "uid=2"), ("X-A", "first"), ("X-A", "second")])
+    req = Request.build(headers=[("Cookie", ""), ("cookie", "uid=2"), ("X-A", "first"), ("X-A", "second"),
+                                 ("X-Forwarded-For", "1.1.1.1"), ("X-Forwarded-For", "2.2.2.2")])
     assert field_value(Field("cookie", "uid"), req) == "2"
+    assert field_value(Field("header", "x-forwarded-for"), req) == "1.1.1.1, 2.2.2.2"
     assert field_value(Field("header", "x-a"), req) == "first"
