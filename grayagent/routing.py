@@ -101,7 +101,8 @@ class Request:
         """Assemble a request from parts, the way a client would send them.
 
         Headers may repeat when given as pairs: the first value counts, except that Cookie and
-        X-Forwarded-For headers are joined ("; " and ", ") as nginx does. Values lose leading and trailing spaces and tabs, as in both proxies.
+        X-Forwarded-For headers are joined ("; " and ", ") as nginx does. Values lose leading and trailing
+        spaces and tabs, as in both proxies.
         """
         merged: dict[str, str] = {}
         pairs = headers.items() if isinstance(headers, Mapping) else (headers or ())
