@@ -60,6 +60,6 @@ def test_real_nginx_accepts_render(case: str, tmp_path: Path) -> None:
     instance.conf.write_text(_render(case).replace("127.0.0.1:18089", instance.verify_listen))
     (tmp_path / "tmp").mkdir()
     from tests.servers.nginx import MAIN_CONF
-    instance.main_conf.write_text(MAIN_CONF.format(root=tmp_path, conf=instance.conf))
+    instance.main_conf.write_text(MAIN_CONF.format(modules="", root=tmp_path, conf=instance.conf))
     done = instance.test_config()
     assert done.returncode == 0, done.stderr

@@ -1,6 +1,6 @@
 -- grayroute_core: the proxy-independent half of grayagent's routing in Lua (LuaJIT 2.1, `bit` library).
 -- It means exactly what grayagent/routing.py means (docs/routing-semantics.md); every adapter (Envoy's
--- Lua filter today, lua-nginx-module later) reads request values its own way and calls these functions.
+-- Lua filter, lua-nginx-module's grayroute_nginx) reads request values its own way and calls these functions.
 -- Verified against Envoy 1.40 and nginx 1.22 (docs/notes/envoy-probe.md, tests/test_fidelity_three_way.py).
 --
 -- Lua numbers are doubles: every integer here stays below 2^53, so arithmetic on them is exact.
@@ -197,6 +197,26 @@ function M.random_uint32()
   return floor(math.random() * 4294967296)
 end
 
+-- One string matcher (routing.string_matches). match = {kind = "exact"|"prefix"|"in"|"regex"|"present",
+-- values = {...}, present = bool}; value is "" when absent. regex_find(value, pattern) -> bool is the
+-- adapter's regex engine (PCRE in nginx), since plain Lua has none.
+function M.string_matches(match, value, regex_find)
+  local kind = match.kind
+  if kind == "present" then return (value ~= "") == match.present end
+  if value == "" then return false end
+  local values = match.values
+  if kind == "exact" then return value == values[1] end
+  if kind == "prefix" then return sub(value, 1, #values[1]) == values[1] end
+  if kind == "in" then
+    for i = 1, #values do
+      if value == values[i] then return true end
+    end
+    return false
+  end
+  if kind == "regex" then return regex_find(value, values[1]) end
+  return false
+end
+
 -- The split decision (routing.route step 2). split = {salt, parts, key = {kind, name} or nil,
 -- when_key_missing = "default" | "random"}; key_value is the key's value ("" = absent).
 -- Returns the upstream name, or nil for "the service's default upstream".
@@ -206,6 +226,37 @@ function M.split_upstream(split, key_value)
   end
   if split.key ~= nil and split.when_key_missing ~= "random" then return nil end
   return M.pick(M.random_uint32(), split.parts)
+end
+
+-- The whole decision (routing.route): returns upstream, rule name (or nil), and how ("rule", "split",
+-- "random", "default"). svc = {default, rules = {{name, to, conds = {{input = i, match = ...} or
+-- {cidr = j}}}}, cidrs = {lists}, split}; value_of(req, i) reads input i ("" = absent), peer_of(req)
+-- the parsed direct peer; req is the adapter's per-request state (values are read once each).
+function M.decide(svc, req, value_of, peer_of, regex_find)
+  local rules = svc.rules
+  for r = 1, #rules do
+    local rule = rules[r]
+    local holds = true
+    local conds = rule.conds
+    for c = 1, #conds do
+      local cond = conds[c]
+      if cond.cidr ~= nil then
+        holds = M.in_cidrs(svc.cidrs[cond.cidr], peer_of(req))
+      else
+        holds = M.string_matches(cond.match, value_of(req, cond.input), regex_find)
+      end
+      if not holds then break end
+    end
+    if holds then return rule.to, rule.name, "rule" end
+  end
+  local split = svc.split
+  if split == nil then return svc.default, nil, "default" end
+  local key = ""
+  if split.key ~= nil then key = value_of(req, split.key_input) end
+  local upstream = M.split_upstream(split, key)
+  if upstream == nil then return svc.default, nil, "default" end
+  if split.key ~= nil and key ~= "" then return upstream, nil, "split" end
+  return upstream, nil, "random"
 end
 
 return M

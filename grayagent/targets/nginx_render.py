@@ -97,13 +97,26 @@ def _matcher_lines(match: StringMatch) -> list[str]:
     return ['"" 0;', *(f"{quote(k)} 1;" for k in keys), "default 0;"]
 
 
+def upstream_blocks(svc: Service, keepalive: int) -> list[str]:
+    """One upstream block per upstream of a service; reload and dynamic mode render them alike."""
+    out = []
+    for up in svc.upstreams:
+        servers = "".join(f"    server {s};\n" for s in up.servers)
+        out.append(f"upstream {upstream_block_name(svc, up.name)} {{\n{servers}    keepalive {keepalive};\n}}\n")
+    return out
+
+
+# Inside `location /`, after proxy_pass: keep-alive to the upstream, the client's Host, the peer in XFF.
+PROXY_SETTINGS = ("        proxy_http_version 1.1;\n"
+                  '        proxy_set_header Connection "";\n'
+                  "        proxy_set_header Host $host;\n"
+                  "        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n")
+
+
 def _service_blocks(index: int, svc: Service, options: NginxOptions, first_on_listen: bool = False) -> list[str]:
     var = f"ga_s{index}"
     out: list[str] = [f"# ---- service {svc.name} (variables ${var}_*)\n"]
-    for up in svc.upstreams:
-        servers = "".join(f"    server {s};\n" for s in up.servers)
-        name = upstream_block_name(svc, up.name)
-        out.append(f"upstream {name} {{\n{servers}    keepalive {options.keepalive};\n}}\n")
+    out.extend(upstream_blocks(svc, options.keepalive))
 
     bits: list[str] = []
     rule_patterns: list[tuple[str, str, str]] = []  # (regex over the bits, upstream, rule name)
@@ -170,10 +183,7 @@ def _service_blocks(index: int, svc: Service, options: NginxOptions, first_on_li
         + (f"    access_log {options.access_log} grayagent_json;\n" if options.access_log else "")
         + "    location / {\n"
         f"        proxy_pass http://{target};\n"
-        "        proxy_http_version 1.1;\n"
-        '        proxy_set_header Connection "";\n'
-        "        proxy_set_header Host $host;\n"
-        "        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n"
+        + PROXY_SETTINGS +
         "    }\n"
         "}\n")
     return out

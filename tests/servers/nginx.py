@@ -9,8 +9,11 @@ from pathlib import Path
 
 from tests.servers.proc import ManagedProcess, free_port, wait_until
 
+LUA_MODULE = Path("/usr/lib/nginx/modules/ngx_http_lua_module.so")
+NDK_MODULE = Path("/usr/lib/nginx/modules/ndk_http_module.so")  # Debian's Lua module needs the NDK first
+
 MAIN_CONF = """\
-daemon off;
+{modules}daemon off;
 worker_processes 2;
 pid {root}/nginx.pid;
 error_log {root}/error.log notice;
@@ -34,9 +37,19 @@ def nginx_binary() -> str:
     return found
 
 
+def lua_available() -> bool:
+    """nginx dynamic mode needs lua-nginx-module (Debian: libnginx-mod-http-lua)."""
+    return LUA_MODULE.exists()
+
+
+def _load_modules() -> str:
+    return "".join(f"load_module {m};\n" for m in (NDK_MODULE, LUA_MODULE) if m.exists())
+
+
 class NginxInstance:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, lua: bool = False) -> None:
         self.root = root
+        self.lua = lua  # load the Lua module (dynamic mode) in the main conf
         self.conf = root / "conf.d" / "grayagent.conf"
         self.main_conf = root / "nginx.conf"
         self.verify_port = free_port()
@@ -53,10 +66,21 @@ class NginxInstance:
         self.conf.parent.mkdir(parents=True, exist_ok=True)
         if not self.conf.exists():
             self.conf.write_text("# empty until the agent applies a version\n")
-        self.main_conf.write_text(MAIN_CONF.format(root=self.root, conf=self.conf))
+        self.write_main_conf()
         self.process = ManagedProcess([self.binary, "-c", str(self.main_conf)], self.root / "stdout.log").start()
         wait_until(lambda: (self.root / "nginx.pid").exists(), 10, "nginx to write its pid file")
         return self
+
+    def write_main_conf(self) -> None:
+        modules = _load_modules() if self.lua else ""
+        self.main_conf.write_text(MAIN_CONF.format(modules=modules, root=self.root, conf=self.conf))
+
+    def restart(self) -> None:
+        """Stop the master and start a fresh one on the same files: shared memory (lua_shared_dict) starts empty."""
+        self.stop()
+        (self.root / "nginx.pid").unlink(missing_ok=True)
+        self.process = ManagedProcess([self.binary, "-c", str(self.main_conf)], self.root / "stdout.log").start()
+        wait_until(lambda: (self.root / "nginx.pid").exists(), 10, "nginx to write its pid file")
 
     def reloads(self) -> int:
         """How many reloads the master has performed (counted from its error_log)."""

@@ -1,0 +1,210 @@
+-- grayroute_nginx: the lua-nginx-module adapter (nginx dynamic mode, grayagent/targets/nginx_dynamic.py).
+-- The skeleton rendered by grayagent/targets/nginx_dynamic_render.py calls, with its own constants:
+--   access(service, fp)  access_by_lua: set $ga_upstream from the routing data pushed for skeleton fp;
+--                        with no data (an nginx restart empties the shared dict), or on any error, the
+--                        skeleton's `set $ga_upstream <default>` stands: never an error for the client;
+--   push(fp)             content_by_lua on the loopback control server: POST the routing data;
+--   version(fp)          content_by_lua on the loopback control server: "skeleton <fp>\ndata <v> <digest>".
+--
+-- The routing data is a Lua chunk made only of table constructors (the agent serialises it with
+-- envoy_render.lua_literal). It runs with an EMPTY environment, so it can only build data: no globals,
+-- no library, no I/O. Each worker parses it once per pushed generation, then routes from the parsed table.
+-- Keys are per skeleton fingerprint, so workers of an old skeleton (draining after a reload) keep their
+-- data while the agent pushes the new skeleton's data.
+
+local core = require("grayroute_core")
+local ngx = ngx
+local re_find = ngx.re.find
+local DICT = ngx.shared.grayagent_routes
+
+local M = {}
+
+-- This worker's parsed data: skeleton fingerprint, generation it was parsed at, the table.
+local cached_fp, cached_gen, cached = nil, nil, nil
+
+local function is_string(v) return type(v) == "string" end
+local function is_index(v, n) return type(v) == "number" and v >= 1 and v <= n and v % 1 == 0 end
+
+local MATCH_KINDS = {exact = true, prefix = true, ["in"] = true, regex = true, present = true}
+local INPUT_KINDS = {header = true, cookie = true, query = true, path = true}
+
+-- Everything access() relies on, so that a bad push is refused instead of failing requests.
+local function check_service(name, svc)
+  if type(svc) ~= "table" or type(svc.upstreams) ~= "table" then return "service " .. name .. ": no upstreams" end
+  local function known(up) return is_string(up) and is_string(svc.upstreams[up]) end
+  if not known(svc.default) then return "service " .. name .. ": unknown default upstream" end
+  if type(svc.inputs) ~= "table" or type(svc.cidrs) ~= "table" or type(svc.rules) ~= "table" then
+    return "service " .. name .. ": malformed"
+  end
+  for i = 1, #svc.inputs do
+    local f = svc.inputs[i]
+    if type(f) ~= "table" or not INPUT_KINDS[f[1]] or (f[1] ~= "path" and not is_string(f[2])) then
+      return "service " .. name .. ": bad input " .. i
+    end
+  end
+  for _, rule in ipairs(svc.rules) do
+    if type(rule) ~= "table" or not known(rule.to) or type(rule.conds) ~= "table" then
+      return "service " .. name .. ": bad rule"
+    end
+    for _, cond in ipairs(rule.conds) do
+      if cond.cidr ~= nil then
+        if not is_index(cond.cidr, #svc.cidrs) then return "service " .. name .. ": bad cidr index" end
+      elseif not is_index(cond.input, #svc.inputs) or type(cond.match) ~= "table"
+          or not MATCH_KINDS[cond.match.kind] or type(cond.match.values) ~= "table" then
+        return "service " .. name .. ": bad condition in rule " .. tostring(rule.name)
+      end
+    end
+  end
+  local split = svc.split
+  if split ~= nil then
+    if type(split.parts) ~= "table" or #split.parts == 0 or not is_string(split.salt) then
+      return "service " .. name .. ": bad split"
+    end
+    for _, part in ipairs(split.parts) do
+      if type(part) ~= "table" or type(part[1]) ~= "number" or not known(part[2]) then
+        return "service " .. name .. ": bad split part"
+      end
+    end
+    if split.key ~= nil and not is_index(split.key_input, #svc.inputs) then
+      return "service " .. name .. ": bad split key"
+    end
+  end
+  return nil
+end
+
+local function header_var(name)
+  return "http_" .. name:gsub("-", "_")
+end
+
+-- Parse pushed data in an empty environment and check its shape. Returns the table, or nil and why.
+local function load_data(src)
+  local chunk, err = loadstring(src, "=grayagent-routes")
+  if chunk == nil then return nil, "not Lua: " .. tostring(err) end
+  setfenv(chunk, {})
+  local ok, data = pcall(chunk)
+  if not ok then return nil, "failed to build: " .. tostring(data) end
+  if type(data) ~= "table" or type(data.version) ~= "number" or not is_string(data.digest)
+      or not is_string(data.fingerprint) or type(data.services) ~= "table" then
+    return nil, "not grayagent routing data"
+  end
+  for name, svc in pairs(data.services) do
+    local problem = check_service(tostring(name), svc)
+    if problem then return nil, problem end
+    -- nginx variable names, computed once per parse instead of per request.
+    for _, f in ipairs(svc.inputs) do
+      if f[1] == "header" then f.var = header_var(f[2]) end
+    end
+  end
+  return data
+end
+
+local function current(fp)
+  local gen = DICT:get("gen:" .. fp)
+  if gen == nil then
+    -- The key is gone: either nginx restarted (this fresh worker has nothing cached: defaults), or a newer
+    -- skeleton's push replaced this skeleton's data while this worker drains (keep what it parsed).
+    if cached_fp == fp then return cached end
+    return nil
+  end
+  if cached_fp == fp and cached_gen == gen then return cached end
+  local src = DICT:get("blob:" .. fp)
+  if src == nil then return nil end
+  local data, err = load_data(src)
+  if data == nil then
+    ngx.log(ngx.ERR, "grayagent: stored routing data unusable, serving defaults: ", err)
+    return nil
+  end
+  cached_fp, cached_gen, cached = fp, gen, data
+  return data
+end
+
+-- ------------------------------------------------------------------ request values
+
+local function value_of(req, i)
+  local v = req[i]
+  if v ~= nil then return v end
+  local f = req.svc.inputs[i]
+  local kind = f[1]
+  local var = ngx.var
+  if kind == "header" then
+    v = var[f.var] or ""                -- nginx 1.22: the first value; Cookie joined with "; "
+  elseif kind == "cookie" then
+    v = core.cookie_value(var.http_cookie or "", f[2])
+  elseif kind == "query" then
+    v = core.query_value(var.args or "", f[2])
+  else
+    v = core.split_target(var.request_uri or "")
+  end
+  req[i] = v
+  return v
+end
+
+local function peer_of(req)
+  if req.peer == nil then req.peer = core.parse_peer(ngx.var.remote_addr) or false end
+  return req.peer or nil
+end
+
+-- PCRE, byte mode (no "u" flag), like nginx's map regexes; "jo": JIT, compiled once per worker.
+local function regex_find(value, pattern)
+  local from, _, err = re_find(value, pattern, "jo")
+  if err then ngx.log(ngx.ERR, "grayagent: regex failed: ", err) end
+  return from ~= nil
+end
+
+local function route(service, fp)
+  local data = current(fp)
+  if data == nil then return end
+  local svc = data.services[service]
+  if svc == nil then return end
+  local upstream = core.decide(svc, {svc = svc}, value_of, peer_of, regex_find)
+  ngx.var.ga_upstream = svc.upstreams[upstream]
+end
+
+function M.access(service, fp)
+  local ok, err = pcall(route, service, fp)
+  if not ok then ngx.log(ngx.ERR, "grayagent: routing failed, default upstream: ", err) end
+end
+
+-- ------------------------------------------------------------------ control endpoints
+
+local function answer(status, text)
+  ngx.status = status
+  ngx.header.content_type = "text/plain"
+  ngx.say(text)
+  return ngx.exit(ngx.HTTP_OK)  -- the status is already set; this only ends the request
+end
+
+function M.push(fp)
+  if ngx.req.get_method() ~= "POST" then return answer(405, "POST the routing data") end
+  ngx.req.read_body()
+  local body = ngx.req.get_body_data()
+  if body == nil then
+    local path = ngx.req.get_body_file()
+    if path ~= nil then
+      local f = io.open(path, "rb")
+      if f then body = f:read("*a"); f:close() end
+    end
+  end
+  if body == nil or body == "" then return answer(400, "refused: empty body") end
+  local data, err = load_data(body)
+  if data == nil then return answer(400, "refused: " .. err) end
+  local key = data.fingerprint
+  -- safe_set: fail rather than evict another skeleton's data when the dict is full.
+  local ok, set_err = DICT:safe_set("blob:" .. key, body)
+  if not ok then return answer(507, "refused: shared dict: " .. tostring(set_err)) end
+  ok, set_err = DICT:safe_set("version:" .. key, string.format("%d %s", data.version, data.digest))
+  if not ok then return answer(507, "refused: shared dict: " .. tostring(set_err)) end
+  DICT:incr("gen:" .. key, 1, 0)
+  -- Forget data of skeletons that are neither this one nor the pushed one (old topologies).
+  for _, k in ipairs(DICT:get_keys(0)) do
+    local kfp = k:match("^%a+:(.*)$")
+    if kfp ~= nil and kfp ~= key and kfp ~= fp then DICT:delete(k) end
+  end
+  return answer(200, string.format("ok %d", data.version))
+end
+
+function M.version(fp)
+  return answer(200, "skeleton " .. fp .. "\ndata " .. (DICT:get("version:" .. fp) or "none"))
+end
+
+return M

@@ -1,0 +1,216 @@
+"""nginx dynamic mode: reload only for topology changes; push everything else into a shared dict.
+
+apply:
+1. write the Lua modules and the skeleton if their bytes changed (`nginx -t` then checks the whole config);
+2. push the data to the running nginx's loopback control server (nginx parses and checks it, in an empty
+   Lua environment, before storing it). Data is keyed by skeleton fingerprint, so pushing the next
+   topology's data before the reload is harmless to the workers that serve now, and the new workers find
+   their data at their first request;
+3. reload only when the running skeleton's fingerprint differs from the candidate's;
+4. verify: the control server reports the candidate's skeleton fingerprint and the pushed data version.
+On any failure: the last-good skeleton goes back (reloaded if a reload happened), and the last-good data
+is pushed back.
+
+Why upstream-server changes still reload (and balancer_by_lua does not remove that): a balancer_by_lua
+upstream would need our own peer selection, health state (max_fails/fail_timeout) and keepalive pooling
+(ngx.balancer + a keepalive pool per peer), i.e. reimplementing what nginx's upstream module does well, for
+changes that are rare next to rule and weight changes. Reload mode's semantics for server lists stay exact.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from grayagent.errors import UsageError
+from grayagent.fsutil import atomic_write
+from grayagent.model import Release
+from grayagent.targets.base import ApplyResult, RenderedFiles, StepFailed, http_get, poll_until, run_command
+from grayagent.targets.nginx import PLACEHOLDER, _first_error
+from grayagent.targets.nginx_dynamic_render import (
+    DATA_FILE,
+    LUA_DIR,
+    PUSH_PATH,
+    VERSION_PATH,
+    DynamicOptions,
+    render,
+)
+
+LUA_MODE = 0o644  # nginx workers (not root) read the modules; they hold code, no secrets
+_PLAIN_PATH = re.compile(r"/[A-Za-z0-9._/-]{1,1000}")  # nginx expands $ in lua_package_path
+
+
+@dataclass(frozen=True)
+class NginxDynamicSettings:
+    conf: Path                                  # the skeleton: the one file the agent owns inside http {}
+    main_conf: Path = Path("/etc/nginx/nginx.conf")
+    binary: str = "nginx"
+    control_listen: str = "127.0.0.1:18089"     # loopback: version (GET) and push (POST) endpoints
+    verify_timeout: float = 5.0
+    reuseport: bool = False
+    dict_size: str = "32m"
+
+
+@dataclass(frozen=True)
+class LiveState:
+    skeleton: str
+    data: tuple[int, str] | None
+
+
+def _check_loopback(listen: str) -> None:
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise UsageError(f"--verify-listen {listen}: nginx dynamic mode's push endpoint must be on loopback")
+
+
+class NginxDynamicTarget:
+    name = "nginx"
+
+    def __init__(self, settings: NginxDynamicSettings) -> None:
+        _check_loopback(settings.control_listen)
+        lua_dir = str(settings.conf.parent / LUA_DIR)
+        if not _PLAIN_PATH.fullmatch(lua_dir):
+            raise UsageError(f"--nginx-conf {settings.conf}: dynamic mode needs a path of [A-Za-z0-9._/-]")
+        self.settings = settings
+        self.options = DynamicOptions(lua_dir=lua_dir, control_listen=settings.control_listen,
+                                      conf_name=settings.conf.name, reuseport=settings.reuseport,
+                                      dict_size=settings.dict_size)
+        self.dir = settings.conf.parent
+
+    def render(self, release: Release, version: int, digest: str) -> RenderedFiles:
+        return render(release, version, digest, self.options)
+
+    # ------------------------------------------------------------------ the control server
+
+    def _url(self, path: str) -> str:
+        return f"http://{self.settings.control_listen}{path}"
+
+    def live_state(self) -> LiveState | None:
+        try:
+            status, body = http_get(self._url(VERSION_PATH))
+        except OSError:
+            return None
+        fields = dict(line.split(" ", 1) for line in body.splitlines() if " " in line)
+        if status != 200 or "skeleton" not in fields:
+            return None
+        parts = fields.get("data", "").split()
+        data = (int(parts[0]), parts[1]) if len(parts) == 2 and parts[0].isdigit() else None
+        return LiveState(fields["skeleton"], data)
+
+    def live_version(self) -> tuple[int, str] | None:
+        """The data version nginx routes with; None after a restart (shared dict empty) or without nginx."""
+        state = self.live_state()
+        return state.data if state is not None else None
+
+    def _push(self, data: bytes) -> None:
+        request = urllib.request.Request(self._url(PUSH_PATH), data=data, method="POST",  # noqa: S310 - loopback
+                                         headers={"Connection": "close", "Content-Type": "text/plain"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+                response.read()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode("utf-8", "replace").strip()
+            raise StepFailed(f"nginx refused the routing data ({exc.code}): {detail[:300]}") from None
+
+    # ------------------------------------------------------------------ process work
+
+    def _nginx(self, *args: str) -> list[str]:
+        return [self.settings.binary, *args, "-c", str(self.settings.main_conf)]
+
+    def _check(self) -> None:
+        done = run_command(self._nginx("-t", "-q"))
+        if done.returncode != 0:
+            raise StepFailed(f"nginx -t failed: {_first_error(done.stderr + done.stdout)}")
+
+    def _reload(self) -> None:
+        done = run_command(self._nginx("-s", "reload"))
+        if done.returncode != 0:
+            raise StepFailed(f"nginx -s reload failed: {_first_error(done.stderr + done.stdout)}")
+
+    def _verify(self, skeleton: str, version: int, digest: str) -> None:
+        def live() -> bool:
+            state = self.live_state()
+            return state is not None and state.skeleton == skeleton and state.data == (version, digest)
+
+        if not poll_until(live, self.settings.verify_timeout):
+            state = self.live_state()
+            shown = (f"skeleton {state.skeleton[:12]}, data {state.data[0] if state.data else 'none'}"
+                     if state else "no answer")
+            raise StepFailed(f"nginx serves {shown}, not skeleton {skeleton[:12]} with version {version}, "
+                             f"{self.settings.verify_timeout:.0f}s after apply (see nginx's error_log)")
+
+    def _read(self, name: str) -> bytes | None:
+        try:
+            return (self.dir / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def apply(self, files: RenderedFiles, version: int, digest: str) -> ApplyResult:
+        result = ApplyResult(ok=False)
+        conf_name = self.settings.conf.name
+        skeleton, data = files[conf_name], files[DATA_FILE]
+        fp = skeleton.split(b"# skeleton ", 1)[1].split(b":", 1)[0].decode("ascii")
+        previous = self._read(conf_name)
+        last_good = self._read(DATA_FILE)
+        live = self.live_state()
+        if previous == skeleton and live is not None and live.skeleton == fp and live.data == (version, digest):
+            result.ok = True
+            return result
+        written = False
+        pushed = False
+        try:
+            if previous != skeleton:
+                with result.step("write"):
+                    for name, content in files.items():
+                        if name.startswith(LUA_DIR + "/") and self._read(name) != content:
+                            atomic_write(self.dir / name, content, LUA_MODE)
+                    atomic_write(self.settings.conf, skeleton)
+                    written = True
+                with result.step("check"):
+                    self._check()
+            if live is not None:
+                # The running skeleton's control server takes any skeleton's data (keyed by fingerprint).
+                with result.step("push"):
+                    self._push(data)
+                    pushed = True
+            if live is None or live.skeleton != fp:
+                with result.step("reload"):
+                    result.reloaded = True
+                    self._reload()
+                    if not pushed:  # nothing answered before: push to the new workers once they listen
+                        poll_until(lambda: self.live_state() is not None, self.settings.verify_timeout)
+                        self._push(data)
+                        pushed = True
+            with result.step("verify"):
+                self._verify(fp, version, digest)
+            atomic_write(self.dir / DATA_FILE, data)
+        except (StepFailed, OSError) as exc:
+            result.error = str(exc)
+            self._restore(previous if written else False, last_good, result)
+            return result
+        result.ok = True
+        return result
+
+    def _restore(self, previous: bytes | bool | None, last_good: bytes | None, result: ApplyResult) -> None:
+        """The last-good skeleton back if it was replaced (False: it was not; None: there was none; reloaded if
+        a reload happened), then the last-good data."""
+        with result.step("restore"):
+            try:
+                if previous is not False:
+                    atomic_write(self.settings.conf, previous if isinstance(previous, bytes) else PLACEHOLDER)
+                if result.reloaded:
+                    self._reload()
+                    poll_until(lambda: self.live_state() is not None, self.settings.verify_timeout)
+                if last_good is not None and self.live_state() is not None:
+                    self._push(last_good)
+                result.restored = True
+            except (StepFailed, OSError) as exc:
+                result.error = f"{result.error}; restoring last-good also failed: {exc}"

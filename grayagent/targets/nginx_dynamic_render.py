@@ -1,0 +1,186 @@
+"""nginx dynamic mode, pure half: a static skeleton that nginx loads, and routing data pushed into it live.
+
+The skeleton holds only what nginx cannot change without a reload: upstream blocks, one server per service
+(the same listen / server_name / default-server / 404 layout as reload mode), the Lua package path and shared
+dict, and a loopback control server (version + push). Each service's `location /` sets `$ga_upstream` to its
+default upstream and lets `access_by_lua` (grayagent/lua/grayroute_nginx.lua over grayroute_core.lua, the
+same core the Envoy filter runs) replace it from the pushed data. With no data (after an nginx restart the
+shared dict is empty) every request goes to the default upstream: never an error.
+
+The routing data (rules, matchers, weights, salts, split boundaries from routing.split_parts) is one Lua
+chunk of table constructors, serialised by envoy_render.lua_literal (every byte outside [A-Za-z0-9 _./:@-]
+becomes a `\\ddd` escape), which nginx runs in an empty environment.
+
+The skeleton's fingerprint covers the topology (services in order, listen addresses, hosts, upstream names
+and servers), the host options and the Lua sources: the target reloads only when it changes. Each service's
+default upstream is baked into the skeleton but not into the fingerprint: a new default rewrites the file
+(so a restart starts from it) and reaches running workers through the data, without a reload.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from grayagent.model import CidrCondition, Field, Release, Service, ValueCondition
+from grayagent.targets.envoy_render import _Inputs, _service_lua, lua_literal, lua_string
+from grayagent.targets.layout import upstream_id
+from grayagent.targets.nginx_render import PROXY_SETTINGS, _catch_all_servers, quote, upstream_blocks
+
+VERSION_PATH = "/grayagent/version"
+PUSH_PATH = "/grayagent/data"
+DICT_NAME = "grayagent_routes"   # grayroute_nginx.lua reads ngx.shared.grayagent_routes
+LUA_DIR = "grayagent-lua"        # next to the skeleton file
+LUA_FILES = ("grayroute_core.lua", "grayroute_nginx.lua")
+DATA_FILE = "grayagent-routes.lua"  # the last data pushed successfully (the agent's last-good)
+MODULE = "grayroute_nginx"
+
+
+@dataclass(frozen=True, slots=True)
+class DynamicOptions:
+    """Inputs that are not in the document: they belong to the host, not the release."""
+
+    lua_dir: str                          # absolute: where the Lua modules live (lua_package_path)
+    control_listen: str = "127.0.0.1:18089"  # version + push endpoints; loopback only
+    conf_name: str = "grayagent.conf"
+    keepalive: int = 32
+    reuseport: bool = False
+    dict_size: str = "32m"
+    max_push_size: str = "64m"
+
+
+@cache
+def lua_source(name: str) -> bytes:
+    return resources.files("grayagent").joinpath(f"lua/{name}").read_bytes()
+
+
+def topology(release: Release, options: DynamicOptions) -> dict[str, Any]:
+    """What only a reload can change in nginx; the fingerprint is its hash."""
+    return {
+        "services": [[svc.name, str(svc.listen), list(svc.hosts),
+                      [[up.name, list(up.servers)] for up in svc.upstreams]] for svc in release.services],
+        "options": [options.lua_dir, options.control_listen, options.keepalive, options.reuseport,
+                    options.dict_size, options.max_push_size],
+        # New Lua code must reach every worker at once: a worker loads a module on its first request.
+        "lua": [hashlib.sha256(lua_source(name)).hexdigest() for name in LUA_FILES],
+    }
+
+
+def fingerprint(release: Release, options: DynamicOptions) -> str:
+    canonical = json.dumps(topology(release, options), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def _inputs(svc: Service) -> _Inputs:
+    """The fields the service reads (rules first, then the split key), and its CIDR lists."""
+    base = _Inputs.of(svc)
+    fields: dict[Field, None] = dict.fromkeys(base.fields)
+    if svc.split is not None and svc.split.key is not None:
+        fields.setdefault(svc.split.key)
+    return _Inputs(tuple(fields), base.cidrs)
+
+
+def service_data(svc: Service) -> dict[str, Any]:
+    """One service's routing data, in the shape grayroute_core.decide reads (indexes are 1-based)."""
+    inputs = _inputs(svc)
+    config = _service_lua(svc, inputs)  # default, inputs, cidrs, split: exactly what the Envoy filter gets
+    if svc.split is not None and svc.split.key is not None:
+        config["split"]["key_input"] = inputs.fields.index(svc.split.key) + 1
+    rules = []
+    for rule in svc.rules:
+        conds: list[dict[str, Any]] = []
+        for cond in rule.conditions:
+            if isinstance(cond, ValueCondition):
+                conds.append({"input": inputs.fields.index(cond.field) + 1,
+                              "match": {"kind": cond.match.kind, "values": list(cond.match.values),
+                                        "present": cond.match.present}})
+            elif isinstance(cond, CidrCondition):
+                conds.append({"cidr": inputs.cidrs.index(cond) + 1})
+        rules.append({"name": rule.name, "to": rule.to, "conds": conds})
+    config["rules"] = rules
+    config["upstreams"] = {up.name: upstream_id(svc, up.name) for up in svc.upstreams}
+    return config
+
+
+def render_data(release: Release, version: int, digest: str, fp: str) -> str:
+    """The pushed Lua chunk. One function per service keeps each under LuaJIT's 65,536 constants."""
+    lines = ["-- Generated by grayagent: routing data for nginx dynamic mode. Data only: nginx runs it in an\n"
+             "-- empty environment.\n",
+             "local S = {}\n"]
+    for svc in release.services:
+        lines.append(f"S[{lua_string(svc.name)}] = (function() return {lua_literal(service_data(svc))} end)()\n")
+    lines.append(f"return {{version = {version}, digest = {lua_string(digest)}, fingerprint = {lua_string(fp)}, "
+                 f"release = {lua_string(release.name)}, services = S}}\n")
+    return "".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- skeleton
+
+
+def _call(function: str, *args: str) -> str:
+    return f"require({lua_string(MODULE)}).{function}({', '.join(lua_string(a) for a in args)})"
+
+
+def _server(svc: Service, fp: str, options: DynamicOptions, first_on_listen: bool) -> str:
+    listen = str(svc.listen) + (" reuseport" if options.reuseport and first_on_listen else "")
+    names = " ".join(svc.hosts) if svc.hosts else '""'
+    return ("server {\n"
+            f"    listen {listen};\n"
+            f"    server_name {names};\n"
+            "    location / {\n"
+            f"        set $ga_upstream {upstream_id(svc, svc.default)};\n"
+            f"        access_by_lua_block {{ {_call('access', svc.name, fp)} }}\n"
+            "        proxy_pass http://$ga_upstream;\n"
+            + PROXY_SETTINGS +
+            "    }\n"
+            "}\n")
+
+
+def render_skeleton(release: Release, options: DynamicOptions) -> str:
+    fp = fingerprint(release, options)
+    head = ("# Generated by grayagent (nginx dynamic mode). Do not edit: the agent replaces this file.\n"
+            f"# skeleton {fp}: topology only; rules, weights and switches are pushed into the shared dict.\n\n"
+            f"lua_package_path {quote(options.lua_dir + '/?.lua;;')};\n"
+            f"lua_shared_dict {DICT_NAME} {options.dict_size};\n")
+    body: list[str] = []
+    seen: set[str] = set()
+    for svc in release.services:
+        body.append(f"# ---- service {svc.name}\n")
+        body.extend(upstream_blocks(svc, options.keepalive))
+        body.append(_server(svc, fp, options, str(svc.listen) not in seen))
+        seen.add(str(svc.listen))
+    body.extend(_catch_all_servers(release))
+    body.append(
+        "# The agent's control server: loopback only. GET version; POST routing data.\n"
+        "server {\n"
+        f"    listen {options.control_listen};\n"
+        "    access_log off;\n"
+        "    allow 127.0.0.0/8;\n    allow ::1;\n    deny all;\n"
+        f"    location = {VERSION_PATH} {{\n"
+        f"        content_by_lua_block {{ {_call('version', fp)} }}\n"
+        "    }\n"
+        f"    location = {PUSH_PATH} {{\n"
+        f"        client_max_body_size {options.max_push_size};\n"
+        f"        client_body_buffer_size {options.max_push_size};\n"
+        f"        content_by_lua_block {{ {_call('push', fp)} }}\n"
+        "    }\n"
+        "    location / {\n        return 404;\n    }\n"
+        "}\n")
+    return head + "\n" + "\n".join(body)
+
+
+def render(release: Release, version: int, digest: str, options: DynamicOptions) -> dict[str, bytes]:
+    """{path relative to the skeleton's directory: content}: skeleton, data, and the Lua modules."""
+    fp = fingerprint(release, options)
+    files = {options.conf_name: render_skeleton(release, options).encode("ascii"),
+             DATA_FILE: render_data(release, version, digest, fp).encode("ascii")}
+    for name in LUA_FILES:
+        files[f"{LUA_DIR}/{name}"] = lua_source(name)
+    return files
