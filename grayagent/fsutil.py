@@ -18,8 +18,8 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, mode: int = RENDERED_MODE) -> None:
-    """Replace `path` with `data` so that a crash leaves either the old file or the new one, never a mix."""
+def _write_temp(path: Path, data: bytes, mode: int) -> str:
+    """A fully written, fsynced temp file beside `path` (same filesystem, so rename/link are atomic)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -28,6 +28,17 @@ def atomic_write(path: Path, data: bytes, mode: int = RENDERED_MODE) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def atomic_write(path: Path, data: bytes, mode: int = RENDERED_MODE) -> None:
+    """Replace `path` with `data` so that a crash leaves either the old file or the new one, never a mix."""
+    tmp = _write_temp(path, data, mode)
+    try:
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -38,18 +49,11 @@ def atomic_write(path: Path, data: bytes, mode: int = RENDERED_MODE) -> None:
 
 def create_exclusive(path: Path, data: bytes, mode: int = RENDERED_MODE) -> bool:
     """Write `path` only if it does not exist yet, atomically. False if it already existed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = _write_temp(path, data, mode)
     try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)  # link() fails if the name exists: immutability without a race
-        except FileExistsError:
-            return False
+        os.link(tmp, path)  # link() fails if the name exists: immutability without a race
+    except FileExistsError:
+        return False
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

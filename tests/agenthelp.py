@@ -13,6 +13,7 @@ from typing import Any
 
 from grayagent.agent import Agent, AgentSettings
 from grayagent.stores.base import Store
+from grayagent.targets.base import Target
 from grayagent.targets.nginx import NginxSettings, NginxTarget
 from tests.servers.nginx import NginxInstance
 from tests.servers.proc import wait_until
@@ -24,10 +25,9 @@ def nginx_target(nginx: NginxInstance, reuseport: bool = False) -> NginxTarget:
 
 
 @contextmanager
-def running_agent(store: Store, nginx: NginxInstance, state_dir: Path, reuseport: bool = False,
-                  **settings: Any) -> Iterator[Agent]:
-    """An agent thread; `reuseport` lets several test gateways on this one host share service ports."""
-    agent = Agent(store, nginx_target(nginx, reuseport), AgentSettings(state_dir=state_dir, **settings))
+def running_agent_for(store: Store, target: Target, state_dir: Path, **settings: Any) -> Iterator[Agent]:
+    """An agent thread driving any target, stopped (and checked stopped) on exit."""
+    agent = Agent(store, target, AgentSettings(state_dir=state_dir, **settings))
     stop = threading.Event()
     thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
     thread.start()
@@ -37,6 +37,14 @@ def running_agent(store: Store, nginx: NginxInstance, state_dir: Path, reuseport
         stop.set()
         thread.join(15)
         assert not thread.is_alive(), "agent did not stop"
+
+
+@contextmanager
+def running_agent(store: Store, nginx: NginxInstance, state_dir: Path, reuseport: bool = False,
+                  **settings: Any) -> Iterator[Agent]:
+    """An agent thread on a test nginx; `reuseport` lets several test gateways on this host share ports."""
+    with running_agent_for(store, nginx_target(nginx, reuseport), state_dir, **settings) as agent:
+        yield agent
 
 
 def wait_live(nginx: NginxInstance, version: int, timeout: float = 15) -> None:

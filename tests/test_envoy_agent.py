@@ -20,9 +20,9 @@ from grayagent.model import parse_document
 from grayagent.routing import Request, route
 from grayagent.stores.base import digest_of
 from grayagent.stores.file import FileStore
-from tests.agenthelp import Client, grayagent
+from tests.agenthelp import Client, grayagent, running_agent_for
 from tests.docs import document, dump, service
-from tests.envoyhelp import envoy_instance, envoy_target, running_agent_for, wait_target_live
+from tests.envoyhelp import envoy_instance, envoy_target, wait_target_live
 from tests.servers.envoy import EnvoyInstance, envoy_binary
 from tests.servers.proc import free_port, wait_until
 
