@@ -18,7 +18,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev,etcd,nacos]'
 	touch $@
 
-# Debian's nginx-light (with the Lua module) and wrk, installed only when missing.
+# Debian's nginx-light (with the Lua module), systemd-analyze and wrk, installed only when missing.
 system-deps:
 	@if ! command -v nginx >/dev/null && ! test -x /usr/sbin/nginx; then \
 		echo "installing nginx-light"; \
@@ -28,6 +28,11 @@ system-deps:
 		echo "installing libnginx-mod-http-lua"; \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libnginx-mod-http-lua >/dev/null) \
 		|| echo "libnginx-mod-http-lua unavailable; dynamic-mode tests will skip"; \
+	fi
+	@if ! command -v systemd-analyze >/dev/null; then \
+		echo "installing systemd (for systemd-analyze verify of deploy/*.service)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null) \
+		|| echo "systemd unavailable; the unit verification test will skip"; \
 	fi
 	@if ! command -v wrk >/dev/null; then \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null) || echo "wrk unavailable; benchmarks need it"; \
