@@ -275,7 +275,12 @@ class Agent:
         self.status.desired_version = record.version
         key = (record.version, record.meta.digest)
         applied = (self.status.applied_version, self.status.applied_digest)
-        if key == applied and self.status.last_error is None:
+        # Drift: the proxy lost what was applied (nginx dynamic mode after a restart holds no data); one
+        # loopback GET per sync finds out, and the version is applied again before the agent reports healthy.
+        drifted = key == applied and self.status.last_error is None and self.target.live_version() != key
+        if drifted:
+            log.warning("proxy no longer serves the applied version; applying it again", version=record.version)
+        if key == applied and self.status.last_error is None and not drifted:
             self.status.serving_from_cache = False
             self.status.healthy = True
         elif key in self._refused or (key in self._retry_at and self._retry_at[key][0] > self.clock()):

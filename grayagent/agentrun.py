@@ -48,6 +48,7 @@ class AgentOptions:
     nginx_main_conf: str = "/etc/nginx/nginx.conf"
     nginx_bin: str = "nginx"
     nginx_reuseport: bool = False
+    nginx_mode: str = "reload"  # reload: render maps, reload per change; dynamic: Lua, reload on topology only
     nginx_access_log: str | None = None
     status_interval: float = 10.0
     verify_listen: str = "127.0.0.1:18089"
@@ -112,6 +113,10 @@ def resolve_options(flags: Mapping[str, Any], config_path: str | None,
         raise UsageError("--state-dir is required (flag, GRAYAGENT_STATE_DIR, or state_dir in the config file)")
     if options.target == "nginx" and not options.nginx_conf:
         raise UsageError("--nginx-conf is required with --target nginx")
+    if options.nginx_mode not in ("reload", "dynamic"):
+        raise UsageError(f"--nginx-mode {options.nginx_mode}: use reload or dynamic")
+    if options.nginx_mode == "dynamic" and options.nginx_access_log:
+        raise UsageError("--nginx-access-log is not supported with --nginx-mode dynamic yet")
     if options.target == "envoy" and not options.envoy_dir:
         raise UsageError("--envoy-dir is required with --target envoy")
     return options
@@ -124,9 +129,15 @@ def build_target(options: AgentOptions) -> Target:
         assert options.envoy_dir is not None
         return EnvoyTarget(EnvoySettings(envoy_dir=Path(options.envoy_dir).absolute(), admin_url=options.envoy_admin,
                                          binary=options.envoy_bin))
+    assert options.nginx_conf is not None
+    if options.nginx_mode == "dynamic":
+        from grayagent.targets.nginx_dynamic import NginxDynamicSettings, NginxDynamicTarget
+
+        return NginxDynamicTarget(NginxDynamicSettings(
+            conf=Path(options.nginx_conf).absolute(), main_conf=Path(options.nginx_main_conf),
+            binary=options.nginx_bin, control_listen=options.verify_listen, reuseport=options.nginx_reuseport))
     from grayagent.targets.nginx import NginxSettings, NginxTarget
 
-    assert options.nginx_conf is not None
     return NginxTarget(NginxSettings(conf=Path(options.nginx_conf).absolute(), main_conf=Path(options.nginx_main_conf),
                                      binary=options.nginx_bin, verify_listen=options.verify_listen,
                                      reuseport=options.nginx_reuseport,

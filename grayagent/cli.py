@@ -290,6 +290,73 @@ def status(store_url: str | None, wait_seconds: float | None, output: str) -> No
         sys.exit(1)
 
 
+@cli.group(name="rollout")
+def rollout_group() -> None:
+    """Progressive rollouts: ramp a canary step by step, judged by its traffic (docs/rollout.md)."""
+
+
+@rollout_group.command(name="run")
+@_store_option()
+@click.option("--interval", type=click.FloatRange(min=0.05), default=2.0, show_default=True,
+              help="Seconds between controller ticks.")
+def rollout_run(store_url: str | None, interval: float) -> None:
+    """The controller: long-running; several may run, one leads (lock or lease)."""
+    from grayagent.rollout import service
+
+    service.serve(_open(store_url), interval)
+
+
+@rollout_group.command(name="start")
+@click.argument("service")
+@_store_option()
+@OUTPUT
+def rollout_start(service: str, store_url: str | None, output: str) -> None:
+    """Begin the rollout that SERVICE's rollout section in the current version defines."""
+    from grayagent.rollout import controller
+
+    rec = controller.start(_open(store_url), service)
+    _emit(output, rec, f"rollout {service}: started from version {rec['base_version']} "
+                       f"({len(rec['steps'])} steps); the controller publishes them")
+
+
+@rollout_group.command(name="status")
+@click.argument("service", required=False)
+@_store_option()
+@click.option("--watch", is_flag=True, help="Redraw every second until every rollout shown has ended.")
+@OUTPUT
+def rollout_status(service: str | None, store_url: str | None, watch: bool, output: str) -> None:
+    """Steps, current weight and each analysis result of SERVICE's rollout (default: every rollout)."""
+    from grayagent.rollout import controller
+
+    store = _open(store_url)
+    for records, now in controller.status_stream(store, service, watch):
+        _emit(output, records, "\n\n".join(controller.format_status(r, now) for r in records) or "no rollouts")
+
+
+def _rollout_request(action: str) -> Callable[..., None]:
+    @click.argument("service")
+    @_store_option()
+    @OUTPUT
+    def command(service: str, store_url: str | None, output: str) -> None:
+        from grayagent.rollout import controller
+
+        rec = controller.request(_open(store_url), service, action)
+        _emit(output, rec, f"rollout {service}: {action} requested; the controller acts on its next tick")
+
+    command.__doc__ = controller_help[action]
+    return command
+
+
+controller_help = {
+    "pause": "Hold SERVICE's rollout at its current step (analysis and maxDuration keep running).",
+    "resume": "Continue a paused rollout.",
+    "promote": "Pass the current pause or manual gate now.",
+    "abort": "Stop and roll back as onFailure says (revert, or canary weight 0).",
+}
+for _action in controller_help:
+    rollout_group.command(name=_action)(_rollout_request(_action))
+
+
 @cli.group(name="audit")
 def audit_group() -> None:
     """Read and verify the agent's audit log."""
