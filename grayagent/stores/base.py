@@ -11,7 +11,9 @@ import hashlib
 import threading
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
+
+from grayagent.errors import GrayagentError
 
 
 def digest_of(content: bytes) -> str:
@@ -93,3 +95,38 @@ class FleetStatus(Protocol):
 
     def fleet(self) -> list[dict[str, object]]:
         """The live agents' statuses, sorted by host."""
+
+
+class RecordConflict(GrayagentError):
+    """A named record changed since it was read (compare-and-set on its revision)."""
+
+    exit_code = 3
+
+
+class Leadership(Protocol):
+    def held(self) -> bool:
+        """Still the leader. False once the lock or lease may be lost: the holder must stop acting."""
+
+    def release(self) -> None:
+        """Give up leadership (idempotent)."""
+
+
+@runtime_checkable
+class RolloutState(Protocol):
+    """Optional: stores that can keep the rollout controller's state and elect one controller.
+
+    Records are small JSON objects addressed by name, written with compare-and-set on a revision
+    (0 = the record does not exist), so a controller and a CLI request can never overwrite each other.
+    """
+
+    def read_record(self, name: str) -> tuple[dict[str, Any] | None, int]:
+        """(record, revision); (None, 0) when absent."""
+
+    def write_record(self, name: str, record: dict[str, Any], expected: int) -> int:
+        """Store `record` if its revision is still `expected`; the new revision. Raises RecordConflict."""
+
+    def record_names(self) -> list[str]:
+        """Every record's name, sorted."""
+
+    def acquire_leadership(self, holder: str) -> Leadership | None:
+        """Become the one controller without waiting; None when another holder leads."""

@@ -39,7 +39,15 @@ from pyetcd.etcdrpc import rpc_pb2 as pb
 from pyetcd.etcdrpc import rpc_pb2_grpc as pbg
 
 from grayagent.errors import Conflict, StoreError, UsageError, VersionNotFound
-from grayagent.stores.base import VersionMeta, VersionRecord, WatchHandler, digest_of, utc_now
+from grayagent.stores.base import (
+    Leadership,
+    RecordConflict,
+    VersionMeta,
+    VersionRecord,
+    WatchHandler,
+    digest_of,
+    utc_now,
+)
 
 log = structlog.get_logger("grayagent.etcd")
 T = TypeVar("T")
@@ -57,6 +65,8 @@ GRPC_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 AGENT_LEASE_TTL = 15
+LEADER_LEASE_TTL = 6   # rollout controller leadership: a dead leader is replaced within this many seconds
+LEADER_KEY = ".leader"
 
 
 @dataclass(frozen=True)
@@ -559,6 +569,70 @@ class EtcdStore:
                 out.append(entry)
         return sorted(out, key=lambda e: str(e.get("host")))
 
+    # ------------------------------------------------------------------ rollout state
+
+    def read_record(self, name: str) -> tuple[dict[str, Any] | None, int]:
+        response = self._range(f"{self.prefix}rollouts/{name}")
+        if not response.kvs:
+            return None, 0
+        try:
+            record: dict[str, Any] = json.loads(response.kvs[0].value)
+        except ValueError:
+            raise StoreError(f"{self.url}: rollouts/{name}: not JSON") from None
+        return record, int(response.kvs[0].mod_revision)
+
+    def write_record(self, name: str, record: dict[str, Any], expected: int) -> int:
+        key = f"{self.prefix}rollouts/{name}".encode()
+        unchanged = (pb.Compare(key=key, target=pb.Compare.VERSION, result=pb.Compare.EQUAL, version=0)
+                     if expected == 0 else
+                     pb.Compare(key=key, target=pb.Compare.MOD, result=pb.Compare.EQUAL, mod_revision=expected))
+        request = pb.TxnRequest(compare=[unchanged], success=[pb.RequestOp(request_put=pb.PutRequest(
+            key=key, value=json.dumps(record, sort_keys=True).encode()))])
+        # attempts=1: a blind retry of a committed write would report a false conflict.
+        response = self._call(lambda ch, md: pbg.KVStub(ch).Txn(request, timeout=self.config.timeout, metadata=md),
+                              f"write rollouts/{name}", attempts=1)
+        if not response.succeeded:
+            raise RecordConflict(f"rollout record {name!r} changed since it was read")
+        return int(response.header.revision)
+
+    def record_names(self) -> list[str]:
+        response = self._range(self.prefix + "rollouts/", prefix=True, keys_only=True)
+        names = (kv.key.decode().rsplit("/", 1)[-1] for kv in response.kvs)
+        return sorted(n for n in names if n and n != LEADER_KEY)
+
+    def acquire_leadership(self, holder: str) -> Leadership | None:
+        """Create rollouts/.leader under a fresh lease only if absent (one txn); keep the lease alive."""
+        grant = self._call(lambda ch, md: pbg.LeaseStub(ch).LeaseGrant(
+            pb.LeaseGrantRequest(TTL=LEADER_LEASE_TTL), timeout=self.config.timeout, metadata=md), "lease grant")
+        lease = int(grant.ID)
+        key = f"{self.prefix}rollouts/{LEADER_KEY}".encode()
+        request = pb.TxnRequest(
+            compare=[pb.Compare(key=key, target=pb.Compare.VERSION, result=pb.Compare.EQUAL, version=0)],
+            success=[pb.RequestOp(request_put=pb.PutRequest(key=key, value=holder.encode(), lease=lease))])
+        response = self._call(lambda ch, md: pbg.KVStub(ch).Txn(request, timeout=self.config.timeout, metadata=md),
+                              "leader election", attempts=1)
+        if not response.succeeded:
+            self._revoke(lease)
+            return None
+        return _LeaseLeadership(self, lease)
+
+    def _revoke(self, lease: int) -> None:
+        with contextlib.suppress(StoreError):  # the lease expires by itself anyway
+            self._call(lambda ch, md: pbg.LeaseStub(ch).LeaseRevoke(pb.LeaseRevokeRequest(ID=lease),
+                                                                    timeout=2, metadata=md),
+                       "lease revoke", attempts=1)
+
+    def _keepalive_once(self, lease: int) -> bool:
+        """One keepalive; False when the lease is gone or etcd did not answer."""
+        def keepalive(ch: grpc.Channel, md: tuple[tuple[str, str], ...]) -> Any:
+            responses = pbg.LeaseStub(ch).LeaseKeepAlive(iter([pb.LeaseKeepAliveRequest(ID=lease)]),
+                                                         timeout=self.config.timeout, metadata=md)
+            return next(iter(responses))
+        try:
+            return int(self._call(keepalive, "leader lease keepalive", attempts=1).TTL) > 0
+        except StoreError:
+            return False
+
     def close(self) -> None:
         self._keepalive_stop.set()
         with self._lease_lock:
@@ -569,6 +643,36 @@ class EtcdStore:
                                                                         timeout=2, metadata=md),
                            "lease revoke", attempts=1)
         self._conn.close()
+
+
+class _LeaseLeadership:
+    """Leads while the lease is kept alive. It counts itself deposed after half the TTL without a successful
+    keepalive, well before etcd could expire the lease and let another controller in."""
+
+    def __init__(self, store: EtcdStore, lease: int) -> None:
+        self.store = store
+        self.lease = lease
+        self._last_ok = time.monotonic()
+        self._lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="etcd-leader-lease", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(LEADER_LEASE_TTL / 5):
+            if self.store._keepalive_once(self.lease):
+                self._last_ok = time.monotonic()
+            elif self._lost or time.monotonic() - self._last_ok > LEADER_LEASE_TTL / 2:
+                self._lost = True  # never lead again on this lease: its key may already belong to another
+                return
+
+    def held(self) -> bool:
+        return not self._lost and time.monotonic() - self._last_ok < LEADER_LEASE_TTL / 2
+
+    def release(self) -> None:
+        self._stop.set()
+        self._lost = True
+        self.store._revoke(self.lease)
 
 
 def _prefix_end(prefix: bytes) -> bytes:

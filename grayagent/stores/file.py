@@ -21,7 +21,15 @@ from urllib.parse import unquote, urlsplit
 
 from grayagent.errors import Conflict, StoreError, UsageError, VersionNotFound
 from grayagent.fsutil import atomic_write, create_exclusive
-from grayagent.stores.base import VersionMeta, VersionRecord, WatchHandler, digest_of, utc_now
+from grayagent.stores.base import (
+    Leadership,
+    RecordConflict,
+    VersionMeta,
+    VersionRecord,
+    WatchHandler,
+    digest_of,
+    utc_now,
+)
 
 SAFETY_POLL_SECONDS = 2.0  # inotify can miss events (NFS, overlay mounts); a cheap re-check covers it
 AGENT_ENTRY_TTL = 90.0  # agents re-report at least every 30 s (the resync interval)
@@ -189,8 +197,60 @@ class FileStore:
                     out.append(entry)
         return out
 
+    # ------------------------------------------------------------------ rollout state
+
+    def _record_path(self, name: str) -> Path:
+        return self.root / "rollouts" / f"{_safe_host(name)}.json"
+
+    def read_record(self, name: str) -> tuple[dict[str, Any] | None, int]:
+        try:
+            entry = json.loads(self._record_path(name).read_bytes())
+        except FileNotFoundError:
+            return None, 0
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{self._record_path(name)}: unreadable: {exc}") from None
+        return entry["record"], int(entry["revision"])
+
+    def write_record(self, name: str, record: dict[str, Any], expected: int) -> int:
+        with self._locked():  # the publishers' lock: short, and it makes the compare-and-set hold across processes
+            _, revision = self.read_record(name)
+            if revision != expected:
+                raise RecordConflict(f"rollout record {name!r} changed (revision {revision}, expected {expected})")
+            entry = {"revision": revision + 1, "record": record}
+            atomic_write(self._record_path(name), json.dumps(entry, sort_keys=True).encode())
+        return revision + 1
+
+    def record_names(self) -> list[str]:
+        return sorted(p.stem for p in (self.root / "rollouts").glob("*.json"))
+
+    def acquire_leadership(self, holder: str) -> Leadership | None:
+        """flock on rollouts/.leader, held for as long as the returned object lives (and the process does)."""
+        (self.root / "rollouts").mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / "rollouts" / ".leader", os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{holder}\n".encode(), 0)  # who leads, for people; the lock is what counts
+        return _FlockLeadership(fd)
+
     def close(self) -> None:
         pass
+
+
+class _FlockLeadership:
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    def held(self) -> bool:
+        return self._fd is not None  # a flock lasts until its file is closed
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _safe_host(host: str) -> str:

@@ -1,0 +1,144 @@
+"""Where the controller gets a canary's figures.
+
+`FleetSource` (default): the cumulative per-upstream counters every agent puts in its fleet status entry,
+summed over the fleet. A window is the difference between two samples; the baseline sample is part of the
+rollout's persisted state, so a restarted controller keeps its window. An agent whose `boot` changed
+restarted, and its counters count from zero again.
+
+`PrometheusSource`: PromQL instant queries over the HTTP API (/api/v1/query); the queries do their own
+windowing ({{interval}} is substituted, e.g. rate(...[{{interval}}])).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import urllib.parse
+import urllib.request
+from typing import Any, Protocol
+
+from grayagent.errors import StoreError
+from grayagent.model import Analysis, PrometheusQueries
+from grayagent.rollout.analysis import Measurement, measurement_from_counters
+from grayagent.stores.base import FleetStatus
+
+
+class MetricsSource(Protocol):
+    def measure(self, service: str, upstreams: tuple[str, str], window: dict[str, Any] | None,
+                spec: Analysis) -> tuple[tuple[Measurement, Measurement] | None, dict[str, Any]]:
+        """((canary, stable) over the window, or None when there is no window yet; the state to keep)."""
+
+
+Sample = dict[str, dict[str, Any]]  # host -> {"boot", "<upstream>": counters}
+
+
+def _fleet_sample(fleet: FleetStatus, service: str, upstreams: tuple[str, ...]) -> Sample:
+    sample: Sample = {}
+    for entry in fleet.fleet():
+        traffic = entry.get("traffic")
+        if not isinstance(traffic, dict):
+            continue
+        ups = traffic.get("upstreams", {})
+        host: dict[str, Any] = {"boot": traffic.get("boot"), "le": traffic.get("latency_le", [])}
+        for up in upstreams:
+            counters = ups.get(f"{service}/{up}")
+            if isinstance(counters, dict):
+                host[up] = counters
+        sample[str(entry.get("host"))] = host
+    return sample
+
+
+def _delta(now: Sample, base: Sample, upstream: str) -> tuple[int, int, list[float], list[int]]:
+    requests = errors = 0
+    bounds: list[float] = []
+    buckets: list[int] = []
+    for host, entry in now.items():
+        cur = entry.get(upstream)
+        if cur is None:
+            continue
+        prev = base.get(host, {})
+        old = prev.get(upstream) if prev.get("boot") == entry.get("boot") else None
+        old = old or {"requests": 0, "errors_5xx": 0, "latency_buckets": [0] * len(cur["latency_buckets"])}
+        requests += int(cur["requests"]) - int(old["requests"])
+        errors += int(cur["errors_5xx"]) - int(old["errors_5xx"])
+        diff = [int(a) - int(b) for a, b in zip(cur["latency_buckets"], old["latency_buckets"], strict=False)]
+        bounds = [float(b) for b in entry.get("le", [])]
+        buckets = diff if not buckets else [a + b for a, b in zip(buckets, diff, strict=False)]
+    return requests, errors, bounds, buckets
+
+
+class FleetSource:
+    def __init__(self, fleet: FleetStatus) -> None:
+        self.fleet = fleet
+
+    def measure(self, service: str, upstreams: tuple[str, str], window: dict[str, Any] | None,
+                spec: Analysis) -> tuple[tuple[Measurement, Measurement] | None, dict[str, Any]]:
+        sample = _fleet_sample(self.fleet, service, upstreams)
+        if window is None or "sample" not in window:
+            return None, {"sample": sample}
+        out = []
+        for up in upstreams:
+            requests, errors, bounds, buckets = _delta(sample, window["sample"], up)
+            out.append(measurement_from_counters(requests, errors, bounds, buckets) if bounds
+                       else Measurement(requests, None, None))
+        canary, stable = out
+        # Too few requests: keep the baseline so the window grows until it can be judged.
+        keep = canary.requests is not None and canary.requests < max(spec.min_requests, 1)
+        return (canary, stable), window if keep else {"sample": sample}
+
+
+class PrometheusSource:
+    def __init__(self, queries: PrometheusQueries, timeout: float = 5.0) -> None:
+        self.queries = queries
+        self.timeout = timeout
+
+    def query(self, promql: str) -> float | None:
+        """One instant query; the sum of a vector's values, a scalar's value, or None for no data/NaN."""
+        url = self.queries.url.rstrip("/") + "/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+        try:
+            with urllib.request.urlopen(url, timeout=self.timeout) as response:  # noqa: S310 - configured URL
+                body = json.loads(response.read())
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"prometheus {self.queries.url}: {exc}") from None
+        return parse_query_result(body)
+
+    def measure(self, service: str, upstreams: tuple[str, str], window: dict[str, Any] | None,
+                spec: Analysis) -> tuple[tuple[Measurement, Measurement] | None, dict[str, Any]]:
+        out = []
+        for up in upstreams:
+            def q(template: str | None, upstream: str = up) -> float | None:
+                if template is None:
+                    return None
+                text = (template.replace("{{service}}", service).replace("{{upstream}}", upstream)
+                        .replace("{{interval}}", f"{max(1, round(spec.interval))}s"))
+                return self.query(text)
+            requests = q(self.queries.requests_query)
+            p99 = q(self.queries.p99_query)
+            out.append(Measurement(int(requests) if requests is not None else None, q(self.queries.error_rate_query),
+                                   round(p99 * 1000, 3) if p99 is not None else None))
+        return (out[0], out[1]), {}
+
+
+def parse_query_result(body: Any) -> float | None:
+    if not isinstance(body, dict) or body.get("status") != "success":
+        error = body.get("error") if isinstance(body, dict) else None
+        raise StoreError(f"prometheus query failed: {error or 'unexpected answer'}")
+    data = body.get("data", {})
+    kind, result = data.get("resultType"), data.get("result")
+    values: list[float] = []
+    if kind == "vector" and isinstance(result, list):
+        values = [float(item["value"][1]) for item in result]
+    elif kind == "scalar" and isinstance(result, list):
+        values = [float(result[1])]
+    else:
+        raise StoreError(f"prometheus query: unsupported result type {kind!r}; use a vector or scalar query")
+    values = [v for v in values if not math.isnan(v)]
+    return sum(values) if values else None
+
+
+def source_for(spec: Analysis, store: object) -> MetricsSource:
+    if spec.prometheus is not None:
+        return PrometheusSource(spec.prometheus)
+    if not isinstance(store, FleetStatus):
+        raise StoreError("this store keeps no fleet status: configure analysis.prometheus instead")
+    return FleetSource(store)
