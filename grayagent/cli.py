@@ -206,6 +206,9 @@ def _agent_flags() -> dict[str, Any]:
 @click.option("--nginx-bin", default=None, help="nginx binary (default nginx).")
 @click.option("--nginx-reuseport/--no-nginx-reuseport", default=None,
               help="Render listen ... reuseport, so several nginx on one host can share service ports.")
+@click.option("--nginx-mode", type=click.Choice(["reload", "dynamic"]), default=None,
+              help="reload (default): one reload per change. dynamic: needs lua-nginx-module; reloads only when "
+                   "listen addresses, hosts or upstream servers change, and pushes rules and weights live.")
 @click.option("--nginx-access-log", default=None, metavar="PATH",
               help="Render a JSON access log here and tail it for per-upstream figures (rollout analysis).")
 @click.option("--status-interval", type=click.FloatRange(min=0.05), default=None,
