@@ -110,6 +110,7 @@ class NacosServer:
         self.proc: ManagedProcess | None = None
         self.startup_seconds: float | None = None  # wall time of the last start(), spawn to ready
         self._admin_ready = False
+        self._log_start = 0  # log size when the current process was spawned
 
     # ------------------------------------------------------------------ addresses
     @property
@@ -141,21 +142,30 @@ class NacosServer:
         if self.alive():
             return self
         dist = ensure_nacos(self.version)
-        if not self.port:
-            self.port = free_nacos_port()
-            self.console_port = free_port() if self.console else 0
-            self._write_conf()
-        started = time.monotonic()
-        self.proc = ManagedProcess(self._argv(dist), self.log_path, cwd=self.home).start()
-        try:
-            self._wait_ready()
-            if not self._admin_ready:
-                self._init_admin()
-        except BaseException:
-            self.kill()
-            raise
-        self.startup_seconds = time.monotonic() - started
-        return self
+        first_start = not self.port
+        for attempt in range(3):
+            if not self.port:
+                self.port = free_nacos_port()
+                self.console_port = free_port() if self.console else 0
+                self._write_conf()
+            started = time.monotonic()
+            self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+            self.proc = ManagedProcess(self._argv(dist), self.log_path, cwd=self.home).start()
+            try:
+                self._wait_ready()
+                if not self._admin_ready:
+                    self._init_admin()
+            except BaseException:
+                self.kill()
+                # Another test may take one of the four ports between free_nacos_port() and the bind; a
+                # first start (no data yet tied to the ports) moves to fresh ones.
+                if first_start and attempt < 2 and self._port_clash():
+                    self.port = 0
+                    continue
+                raise
+            self.startup_seconds = time.monotonic() - started
+            return self
+        raise AssertionError("unreachable")
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM and wait (Spring shuts down in ~1-2 s); data and ports stay for ``start()``."""
@@ -263,9 +273,29 @@ class NacosServer:
             f"--spring.config.additional-location=file:{self.home / 'conf'}/",
         ]
 
-    def _ready(self) -> bool:
+    def _this_start_log(self) -> str:
+        """The log written since the last spawn (the file is appended to across restarts)."""
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(self._log_start)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def _port_clash(self) -> bool:
+        return "Address already in use" in self._this_start_log()
+
+    def _failed(self) -> str | None:
+        """Why the starting server will never get ready, or None (checked outside wait_until, which swallows)."""
         if not self.alive():
-            raise RuntimeError(f"nacos exited:\n{self.proc.log_tail() if self.proc else ''}")
+            return "nacos exited"
+        if "Application run failed" in self._this_start_log():
+            return "nacos failed to start (Spring: Application run failed)"  # the JVM may linger, alive
+        return None
+
+    def _ready(self) -> bool:
+        if self._failed():
+            return True  # stop waiting; _wait_ready raises
         status, body, _ = self.request("GET", "/v3/admin/core/state/readiness", token=None, timeout=2.0)
         if status != 200 or '"ok"' not in body:
             return False
@@ -277,6 +307,9 @@ class NacosServer:
     def _wait_ready(self) -> None:
         try:
             wait_until(self._ready, self.start_timeout, "nacos readiness", interval=0.2)
+            failed = self._failed()
+            if failed:
+                raise RuntimeError(failed)
         except (TimeoutError, RuntimeError) as exc:
             tail = self.proc.log_tail(60) if self.proc else ""
             raise RuntimeError(f"{exc}\n--- {self.log_path}\n{tail}") from None
