@@ -55,6 +55,7 @@ class AgentOptions:
     envoy_dir: str | None = None
     envoy_admin: str = "http://127.0.0.1:9901"
     envoy_bin: str = "envoy"
+    envoy_traffic_stats: bool = False
 
 
 OPTION_KEYS = tuple(f.name for f in dataclasses.fields(AgentOptions))
@@ -128,7 +129,7 @@ def build_target(options: AgentOptions) -> Target:
 
         assert options.envoy_dir is not None
         return EnvoyTarget(EnvoySettings(envoy_dir=Path(options.envoy_dir).absolute(), admin_url=options.envoy_admin,
-                                         binary=options.envoy_bin))
+                                         binary=options.envoy_bin, traffic_stats=options.envoy_traffic_stats))
     assert options.nginx_conf is not None
     if options.nginx_mode == "dynamic":
         from grayagent.targets.nginx_dynamic import NginxDynamicSettings, NginxDynamicTarget

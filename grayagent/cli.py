@@ -219,6 +219,8 @@ def _agent_flags() -> dict[str, Any]:
                                                 "(see deploy/envoy/bootstrap.yaml).")
 @click.option("--envoy-admin", default=None, help="Envoy's loopback admin URL (default http://127.0.0.1:9901).")
 @click.option("--envoy-bin", default=None, help="envoy binary (default envoy).")
+@click.option("--envoy-traffic-stats/--no-envoy-traffic-stats", default=None,
+              help="Poll Envoy's per-cluster stats for per-upstream figures (rollout analysis).")
 @click.option("--state-dir", default=None, help="Audit log, last-good cache and status live here.")
 @click.option("--host", default=None, help="Name reported in fleet status (default: the hostname).")
 @click.option("--status-listen", default=None, help="Address of /healthz and /metrics (default 127.0.0.1:9180).")

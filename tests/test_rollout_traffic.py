@@ -108,3 +108,59 @@ def test_parse_line_and_collector() -> None:
     metrics.registry.register(TrafficCollector(tailer.counters, "nginx"))
     text = metrics.exposition().decode()
     assert 'grayagent_upstream_latency_seconds_bucket{le="0.005",service="a",target="nginx",upstream="b"} 1.0' in text
+
+
+def test_envoy_agent_reports_per_cluster_figures(tmp_path: Path, backends) -> None:
+    from tests.agenthelp import running_agent_for
+    from tests.envoyhelp import envoy_instance, envoy_target, wait_target_live
+
+    instances = envoy_instance(tmp_path)
+    envoy = next(instances)
+    try:
+        port = free_port()
+        store = FileStore(str(tmp_path / "store"))
+        servers = {n: [f"127.0.0.1:{backends[n].port}"] for n in ("stable", "canary")}
+        publish(store, document(service(listen=f"127.0.0.1:{port}", servers=servers,
+                                        split={"weights": {"stable": 50, "canary": 50}})))
+        backends["canary"].fail(0.5)
+        target = envoy_target(envoy, traffic_stats=True)
+        with running_agent_for(store, target, tmp_path / "state", status_interval=0.2) as agent:
+            wait_target_live(target, 1)
+            client = Client(port)
+            statuses = [client.get("/")[0] for _ in range(200)]
+
+            def counted() -> dict:
+                fleet = store.fleet()
+                return fleet[0].get("traffic", {}).get("upstreams", {}) if fleet else {}
+
+            wait_until(lambda: sum(u["requests"] for u in counted().values()) == 200, 10, "200 requests counted")
+            ups = counted()
+            assert ups["product/canary"]["requests"] == backends["canary"].count
+            assert ups["product/canary"]["errors_5xx"] == statuses.count(503) > 0
+            assert ups["product/stable"]["errors_5xx"] == 0
+            assert 'grayagent_upstream_5xx_total{service="product",target="envoy",upstream="canary"}' in \
+                agent.metrics.exposition().decode()
+    finally:
+        next(instances, None)
+
+
+def test_envoy_totals_parsing() -> None:
+    from grayagent.rollout.traffic import ENVOY_BUCKETS_MS, TrafficCounters, envoy_totals
+
+    buckets = [{"upper_bound": b, "interval": 0, "cumulative": 10 if b >= 5 else 0} for b in ENVOY_BUCKETS_MS]
+    body = {"stats": [{"name": "cluster.grayagent.product.canary.upstream_rq_total", "value": 12},
+                      {"name": "cluster.grayagent.product.canary.upstream_rq_5xx", "value": 3},
+                      {"name": "cluster.grayagent.product.canary.external.upstream_rq_5xx", "value": 3},
+                      {"name": "cluster.other.upstream_rq_total", "value": 99},
+                      {"histograms": [{"name": "cluster.grayagent.product.canary.upstream_rq_time",
+                                       "buckets": buckets}]}]}
+    totals = envoy_totals(body)
+    assert list(totals) == [("product", "canary")]
+    canary = totals[("product", "canary")]
+    assert (canary.requests, canary.errors_5xx) == (12, 3) and canary.cumulative()[1:4] == [0, 10, 10]
+    counters = TrafficCounters()
+    counters.replace(totals)
+    boot = counters.boot
+    counters.replace(envoy_totals({"stats": [{"name": "cluster.grayagent.product.canary.upstream_rq_total",
+                                               "value": 2}]}))
+    assert counters.boot != boot  # counters went down: Envoy restarted

@@ -14,6 +14,8 @@ import bisect
 import json
 import os
 import threading
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -57,10 +59,20 @@ class UpstreamCounters:
 class TrafficCounters:
     """Thread-safe counters keyed by (service, upstream)."""
 
-    def __init__(self) -> None:
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
         self.boot = uuid.uuid4().hex[:12]
+        self.bounds = bounds
         self._lock = threading.Lock()
         self._by_upstream: dict[tuple[str, str], UpstreamCounters] = {}
+
+    def replace(self, totals: dict[tuple[str, str], UpstreamCounters]) -> None:
+        """Take totals that a gateway counts itself (Envoy); a counter that went down means it restarted."""
+        with self._lock:
+            restarted = any(totals.get(k, UpstreamCounters()).requests < v.requests
+                            for k, v in self._by_upstream.items())
+            if restarted:
+                self.boot = uuid.uuid4().hex[:12]
+            self._by_upstream = dict(totals)
 
     def observe(self, service: str, upstream: str, status: int, seconds: float) -> None:
         with self._lock:
@@ -78,7 +90,7 @@ class TrafficCounters:
         """The form that goes into the agent's fleet status entry (JSON)."""
         return {
             "boot": self.boot,
-            "latency_le": list(LATENCY_BUCKETS),
+            "latency_le": list(self.bounds),
             "upstreams": {f"{svc}/{up}": {"requests": c.requests, "errors_5xx": c.errors_5xx,
                                           "latency_sum": round(c.latency_sum, 6), "latency_buckets": c.cumulative()}
                           for (svc, up), c in self.items()},
@@ -103,7 +115,7 @@ class TrafficCollector(Collector):
             values = [self.target, svc, up]
             requests.add_metric(values, c.requests)
             errors.add_metric(values, c.errors_5xx)
-            bounds = [*(f"{b:g}" for b in LATENCY_BUCKETS), "+Inf"]
+            bounds = [*(f"{b:g}" for b in self.counters.bounds), "+Inf"]
             latency.add_metric(values, list(zip(bounds, c.cumulative(), strict=True)), c.latency_sum)
         yield requests
         yield errors
@@ -216,6 +228,83 @@ class AccessLogTailer:
         finally:
             if fd is not None:
                 os.close(fd)
+
+
+ENVOY_STATS_FILTER = r"^cluster\.grayagent\.[^.]+\.[^.]+\.(upstream_rq_total|upstream_rq_5xx|upstream_rq_time)$"
+ENVOY_BUCKETS_MS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000, 600000,
+                    1800000, 3600000)  # Envoy's default histogram buckets
+
+
+def envoy_totals(body: Any) -> dict[tuple[str, str], UpstreamCounters]:
+    """Per-upstream totals from Envoy's /stats?format=json&histogram_buckets=cumulative.
+
+    Counters are live; histograms change only at Envoy's stats flush (stats_flush_interval, 5 s by default),
+    so latency lags the request counts by up to that much.
+    """
+    totals: dict[tuple[str, str], UpstreamCounters] = {}
+
+    def of(name: str, suffix: str) -> UpstreamCounters | None:
+        parts = name.removeprefix("cluster.").removesuffix("." + suffix).split(".")
+        if len(parts) != 3 or parts[0] + "." != UPSTREAM_PREFIX:  # grayagent.<service>.<upstream>
+            return None
+        return totals.setdefault((parts[1], parts[2]), UpstreamCounters())
+
+    for stat in body.get("stats", []):
+        if "histograms" in stat:
+            for hist in stat["histograms"] if isinstance(stat["histograms"], list) else []:
+                counters = of(str(hist.get("name", "")), "upstream_rq_time")
+                buckets = hist.get("buckets", [])
+                if counters is None or len(buckets) != len(ENVOY_BUCKETS_MS):
+                    continue
+                cumulative = [int(b["cumulative"]) for b in buckets]
+                counters.buckets = [c - p for c, p in zip(cumulative, [0, *cumulative[:-1]], strict=True)] + [0]
+            continue
+        name, value = str(stat.get("name", "")), int(stat.get("value", 0))
+        for suffix in ("upstream_rq_total", "upstream_rq_5xx"):
+            if name.endswith("." + suffix):
+                counters = of(name, suffix)
+                if counters is not None:
+                    if suffix == "upstream_rq_total":
+                        counters.requests = value
+                    else:
+                        counters.errors_5xx = value
+    return totals
+
+
+class EnvoyStatsPoller:
+    """Reads per-cluster stats from Envoy's admin endpoint every `every` seconds, from its own thread."""
+
+    def __init__(self, admin_url: str, every: float = 1.0) -> None:
+        self.url = (f"{admin_url.rstrip('/')}/stats?format=json&histogram_buckets=cumulative&filter="
+                    + urllib.parse.quote(ENVOY_STATS_FILTER))
+        self.every = every
+        self.counters = TrafficCounters(tuple(b / 1000 for b in ENVOY_BUCKETS_MS))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def poll_once(self) -> None:
+        with urllib.request.urlopen(self.url, timeout=2) as response:  # noqa: S310 - the admin URL we were given
+            self.counters.replace(envoy_totals(json.loads(response.read())))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.poll_once()
+            except (OSError, ValueError) as exc:  # Envoy restarting: keep the last figures, try again
+                log.debug("envoy stats poll failed", error=str(exc))
+
+    def start(self) -> EnvoyStatsPoller:
+        self._thread = threading.Thread(target=self._run, name="envoy-stats", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.counters.snapshot()
 
 
 class TrafficSource(Protocol):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from grayagent.fsutil import atomic_write
 from grayagent.model import Release
+from grayagent.rollout.traffic import EnvoyStatsPoller
 from grayagent.targets.base import ApplyResult, RenderedFiles, StepFailed, http_get, run_command
 from grayagent.targets.envoy_render import (
     CDS_FILE,
@@ -53,6 +54,7 @@ class EnvoySettings:
     binary: str = "envoy"
     verify_timeout: float = 10.0           # per file: how long Envoy may take to accept it
     validate_timeout: float = 120.0
+    traffic_stats: bool = False            # poll per-cluster stats for rollout figures (agent /metrics, status)
 
 
 def _version_info(content: bytes) -> str:
@@ -90,6 +92,8 @@ class EnvoyTarget:
         self.settings = settings
         self.dir = settings.envoy_dir.absolute()
         self.options = EnvoyOptions(envoy_dir=str(self.dir))
+        # The agent starts and stops this; per-upstream request, 5xx and latency figures from the admin stats.
+        self.traffic = EnvoyStatsPoller(settings.admin_url) if settings.traffic_stats else None
 
     def render(self, release: Release, version: int, digest: str) -> RenderedFiles:
         return render(release, version, digest, self.options)
