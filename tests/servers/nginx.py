@@ -73,6 +73,9 @@ class NginxInstance:
 
     def write_main_conf(self) -> None:
         modules = _load_modules() if self.lua else ""
+        if self.lua and os.geteuid() == 0:
+            # Workers read the Lua modules, and pytest's tmp dirs are private to the (root) test user.
+            modules += "user root;\n"
         self.main_conf.write_text(MAIN_CONF.format(modules=modules, root=self.root, conf=self.conf))
 
     def restart(self) -> None:

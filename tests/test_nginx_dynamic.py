@@ -1,0 +1,304 @@
+"""nginx dynamic mode: golden skeleton and data, hostile values confined, and the agent end to end on a real
+nginx with lua-nginx-module: pushes without reloads, reloads on topology changes, restarts, failed pushes.
+
+Regenerate the goldens after an intended change with: UPDATE_GOLDEN=1 pytest tests/test_nginx_dynamic.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from grayagent.model import Release, parse_document
+from grayagent.routing import Request, route
+from grayagent.stores.base import digest_of
+from grayagent.stores.file import FileStore
+from grayagent.targets.nginx_dynamic import NginxDynamicSettings, NginxDynamicTarget
+from grayagent.targets.nginx_dynamic_render import (
+    DATA_FILE,
+    PUSH_PATH,
+    DynamicOptions,
+    fingerprint,
+    render,
+    render_data,
+    render_skeleton,
+)
+from tests.agenthelp import Client, running_agent_for
+from tests.docs import document, dump, service
+from tests.servers.nginx import LUA_MODULE, NginxInstance, lua_available
+from tests.servers.proc import free_port, wait_until
+
+GOLDEN = Path(__file__).parent / "golden"
+CASES = sorted(p.name for p in GOLDEN.iterdir() if (p / "rules.yaml").exists())
+OPTIONS = DynamicOptions(lua_dir="/etc/nginx/conf.d/grayagent-lua", control_listen="127.0.0.1:18089")
+
+needs_lua = pytest.mark.skipif(not lua_available(), reason=f"lua-nginx-module is not installed ({LUA_MODULE} "
+                                                           "is absent; Debian: libnginx-mod-http-lua)")
+
+
+def _release(case: str) -> tuple[Release, str]:
+    content = (GOLDEN / case / "rules.yaml").read_bytes()
+    return parse_document(content, f"{case}/rules.yaml"), digest_of(content)
+
+
+# ---------------------------------------------------------------------------------------------- pure
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_render_matches_golden(case: str) -> None:
+    release, digest = _release(case)
+    files = render(release, 7, digest, OPTIONS)
+    golden = GOLDEN / case / "nginx-dynamic"
+    wanted = {"grayagent.conf": files["grayagent.conf"], DATA_FILE: files[DATA_FILE]}
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.mkdir(exist_ok=True)
+        for name, content in wanted.items():
+            (golden / name).write_bytes(content)
+    for name, content in wanted.items():
+        assert (golden / name).read_bytes() == content, f"{case}/{name} changed; UPDATE_GOLDEN=1 if intended"
+    assert render(release, 7, digest, OPTIONS) == files
+    for content in wanted.values():
+        assert all(b == 0x0A or 0x20 <= b < 0x7F for b in content)
+
+
+def test_fingerprint_is_topology_only() -> None:
+    servers = {"stable": ["127.0.0.1:9001"], "canary": ["127.0.0.1:9002"]}
+
+    def fp(**extra: object) -> str:
+        svc = service(listen=8080, servers=servers, **extra)
+        return fingerprint(parse_document(dump(document(svc)), "t"), OPTIONS)
+
+    base = fp()
+    live = [fp(split={"key": {"header": "X-U"}, "weights": {"stable": 10, "canary": 90}}),
+            fp(rules=[{"name": "r", "match": {"headers": {"X-A": {"exact": "1"}}}, "to": "canary"}]),
+            fp(default="canary")]
+    assert live == [base] * 3, "rules, weights and the default are pushed, not reloaded"
+    assert fp(hosts=["a.example"]) != base
+    svc = service(listen=8081, servers=servers)
+    assert fingerprint(parse_document(dump(document(svc)), "t"), OPTIONS) != base
+    more = service(listen=8080, servers={**servers, "canary": ["127.0.0.1:9002", "127.0.0.1:9003"]})
+    assert fingerprint(parse_document(dump(document(more)), "t"), OPTIONS) != base
+
+
+def test_hostile_values_stay_inside_lua_strings() -> None:
+    release, digest = _release("hostile")
+    data = render_data(release, 7, digest, fingerprint(release, OPTIONS))
+    skeleton = render_skeleton(release, OPTIONS)
+    assert 'return 200 "pwned"' not in data + skeleton and "listen 1;" not in data + skeleton
+    assert "$host" not in data and "]]" not in data and "\r" not in data
+    # Every string in the data is "..." of safe bytes and \ddd escapes: nothing a value could have closed.
+    strings = re.findall(r'"((?:[^"\\]|\\.)*)"', data)
+    assert strings and all(re.fullmatch(r"(?:[A-Za-z0-9 _./:@-]|\\[0-9]{3})*", s) for s in strings)
+    assert skeleton.count("server {") == 2 and "access_by_lua_block" in skeleton
+
+
+def test_control_server_is_loopback_only() -> None:
+    release, _ = _release("shop")
+    skeleton = render_skeleton(release, OPTIONS)
+    control = skeleton[skeleton.index("# The agent's control server"):]
+    assert "    listen 127.0.0.1:18089;\n" in control
+    assert control.index("allow 127.0.0.0/8;") < control.index("allow ::1;") < control.index("deny all;")
+    assert f"location = {PUSH_PATH}" in control
+    from grayagent.errors import UsageError
+
+    with pytest.raises(UsageError, match="loopback"):
+        NginxDynamicTarget(NginxDynamicSettings(conf=Path("/tmp/x/grayagent.conf"), control_listen="0.0.0.0:18090"))
+
+
+# ---------------------------------------------------------------------------------------------- real nginx
+
+
+@pytest.fixture
+def lua_nginx(tmp_path: Path) -> Iterator[NginxInstance]:
+    instance = NginxInstance(tmp_path / "nginx", lua=True).start()
+    yield instance
+    instance.stop()
+
+
+def dynamic_target(nginx: NginxInstance, **settings: object) -> NginxDynamicTarget:
+    return NginxDynamicTarget(NginxDynamicSettings(conf=nginx.conf, main_conf=nginx.main_conf, binary=nginx.binary,
+                                                   control_listen=nginx.verify_listen, **settings))  # type: ignore[arg-type]
+
+
+def apply_doc(target: NginxDynamicTarget, doc: dict, version: int = 1) -> None:
+    content = dump(doc)
+    result = target.apply(target.render(parse_document(content, "t"), version, digest_of(content)), version,
+                          digest_of(content))
+    assert result.ok, result.error
+
+
+@needs_lua
+@pytest.mark.parametrize("case", CASES)
+def test_real_nginx_accepts_skeleton_and_data(case: str, tmp_path: Path) -> None:
+    """Every golden case: the skeleton passes nginx -t, nginx accepts the data, and reports its version."""
+    content = (GOLDEN / case / "rules.yaml").read_bytes()
+    doc = parse_document(content, case)
+    # Move the services to free loopback ports so the real nginx can bind them.
+    services = tuple(dataclasses.replace(s, listen=dataclasses.replace(s.listen, host="127.0.0.1", port=free_port()))
+                     for s in doc.services)
+    release = dataclasses.replace(doc, services=services)
+    nginx = NginxInstance(tmp_path / "nginx", lua=True).start()
+    try:
+        target = dynamic_target(nginx)
+        result = target.apply(target.render(release, 3, digest_of(content)), 3, digest_of(content))
+        assert result.ok, result.error
+        assert target.live_version() == (3, digest_of(content))
+    finally:
+        nginx.stop()
+
+
+@needs_lua
+def test_hostile_document_routes_like_the_simulator(lua_nginx: NginxInstance, backends) -> None:
+    port = free_port()
+    raw = (GOLDEN / "hostile" / "rules.yaml").read_text()
+    servers = f'["127.0.0.1:{backends["stable"].port}"]', f'["127.0.0.1:{backends["canary"].port}"]'
+    raw = (raw.replace("listen: 18080", f"listen: 127.0.0.1:{port}").replace('["127.0.0.1:9001"]', servers[0])
+           .replace('["127.0.0.1:9002"]', servers[1]))
+    release = parse_document(raw.encode(), "hostile")
+    target = dynamic_target(lua_nginx)
+    result = target.apply(target.render(release, 1, digest_of(raw.encode())), 1, digest_of(raw.encode()))
+    assert result.ok, result.error
+    svc = release.services[0]
+    client = Client(port)
+    cases = [{"X-A": 'a"; return 200 "pwned"; #'}, {"X-A": "a"}, {"Cookie": "s.id-x=} server { listen 1; }"},
+             {"Cookie": "s.id-x={"}, {"X-C": '"$;{}"\\'}, {"X-C": '"x"\\'}, {}]
+    for headers in cases:
+        want = route(svc, Request.build(headers=headers)).upstream
+        assert client.get("/", headers)[1] == want, headers
+    assert client.get("/?q=$host${request_uri}\\x")[1] == "canary"
+    long_value = "k" * 1024
+    assert client.get("/", {"X-A": long_value})[1] == route(svc, Request.build(headers={"X-A": long_value})).upstream
+
+
+@needs_lua
+def test_push_endpoint_refuses_code_and_garbage(lua_nginx: NginxInstance, backends) -> None:
+    """Data runs in an empty environment: a chunk that calls anything fails; a shape mismatch is refused."""
+    port = free_port()
+    servers = {n: [f"127.0.0.1:{b.port}"] for n, b in backends.items()}
+    target = dynamic_target(lua_nginx)
+    apply_doc(target, document(service(listen=f"127.0.0.1:{port}", servers=servers)))
+    url = f"http://{lua_nginx.verify_listen}{PUSH_PATH}"
+    for body in (b'os.execute("touch /tmp/pwned") return {}', b"return {version = 1}", b"not lua at all",
+                 b'return {version = 2, digest = "d", fingerprint = "f", services = {x = {upstreams = {}}}}'):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST"), timeout=5)
+        assert refused.value.code == 400, body
+    assert target.live_version() is not None and target.live_version()[0] == 1  # type: ignore[index]
+    assert Client(port).get("/")[0] == 200
+
+
+# ---------------------------------------------------------------------------------------------- agent
+
+
+def _doc(backends, port: int, weights: dict[str, float], listen_host: str = "127.0.0.1", **extra) -> dict:
+    servers = {name: [f"127.0.0.1:{b.port}"] for name, b in backends.items()}
+    return document(service(listen=f"{listen_host}:{port}", servers=servers,
+                            split={"key": {"header": "X-User-Id"}, "weights": weights}, **extra))
+
+
+def _publish(store: FileStore, doc: dict) -> int:
+    current = store.current()
+    return store.publish(dump(doc), current.version if current else 0, "test", "").version
+
+
+def _audit(state: Path) -> list[dict]:
+    return [json.loads(line) for line in (state / "audit.jsonl").read_text().splitlines()]
+
+
+@needs_lua
+def test_agent_pushes_rule_and_weight_changes_without_reloads(tmp_path: Path, lua_nginx: NginxInstance,
+                                                              backends) -> None:
+    port = free_port()
+    store = FileStore(str(tmp_path / "store"))
+    target = dynamic_target(lua_nginx)
+    _publish(store, _doc(backends, port, {"stable": 100, "canary": 0, "beta": 0}))
+    with running_agent_for(store, target, tmp_path / "state", min_apply_interval=0.05, resync_interval=0.3):
+        wait_until(lambda: (target.live_version() or (0, ""))[0] == 1, 15, "version 1")
+        client = Client(port)
+        assert client.get("/", {"X-User-Id": "u1"})[1] == "stable"
+        reloads = lua_nginx.reloads()
+
+        # A weight change and a new rule: pushed, served on the same keep-alive connection, no reload.
+        _publish(store, _doc(backends, port, {"stable": 0, "canary": 100, "beta": 0},
+                             rules=[{"name": "vip", "match": {"headers": {"X-Tag": {"in": ["vip"]}}}, "to": "beta"}]))
+        wait_until(lambda: client.get("/", {"X-User-Id": "u1"})[1] == "canary", 10, "the weight change")
+        assert client.get("/", {"X-User-Id": "u1", "X-Tag": "vip"})[1] == "beta"
+        # A blue-green switch of the default: pushed too.
+        _publish(store, _doc(backends, port, {"stable": 0, "canary": 100, "beta": 0}, default="beta"))
+        wait_until(lambda: client.get("/")[1] == "beta", 10, "the default switch")
+        assert lua_nginx.reloads() == reloads, "rule, weight and default changes must not reload nginx"
+
+        # A topology change (another upstream, so other upstream servers) reloads once.
+        doc = _doc(backends, port, {"stable": 0, "canary": 100, "beta": 0}, default="beta")
+        doc["spec"]["services"][0]["upstreams"]["extra"] = {"servers": [f"127.0.0.1:{backends['stable'].port}"]}
+        version = _publish(store, doc)
+        wait_until(lambda: (target.live_version() or (0, ""))[0] == version, 15, "the topology change")
+        assert lua_nginx.reloads() == reloads + 1
+        assert Client(port).get("/", {"X-User-Id": "u1"})[1] == "canary"
+
+    applies = [e for e in _audit(tmp_path / "state") if e["event"] == "apply"]
+    assert all(a["result"] == "ok" for a in applies)
+    assert [("reload" in a["steps_ms"]) for a in applies] == [True, False, False, True]
+    assert "push" in applies[1]["steps_ms"] and "check" not in applies[1]["steps_ms"]
+    assert "check" in applies[2]["steps_ms"], "a new default rewrites the skeleton: nginx -t, still no reload"
+
+
+@needs_lua
+def test_restart_serves_defaults_until_the_agent_pushes_again(tmp_path: Path, lua_nginx: NginxInstance,
+                                                              backends) -> None:
+    port = free_port()
+    store = FileStore(str(tmp_path / "store"))
+    target = dynamic_target(lua_nginx)
+    _publish(store, _doc(backends, port, {"stable": 0, "canary": 100, "beta": 0}))
+    state = tmp_path / "state"
+    with running_agent_for(store, target, state, resync_interval=60) as agent:
+        wait_until(lambda: agent.health()[0], 15, "healthy")
+        assert Client(port).get("/", {"X-User-Id": "u1"})[1] == "canary"
+    # nginx restarts while no agent runs: the shared dict is empty; the skeleton's default answers.
+    lua_nginx.restart()
+    wait_until(lambda: target.live_state() is not None, 10, "nginx back")
+    assert target.live_version() is None
+    client = Client(port)
+    answers = {client.get("/", {"X-User-Id": f"u{i}"}) for i in range(50)}
+    assert answers == {(200, "stable")}, "no data yet: the default upstream, never an error"
+    with running_agent_for(store, target, state, resync_interval=60) as agent:
+        wait_until(lambda: agent.health()[0], 15, "healthy again")
+        assert client.get("/", {"X-User-Id": "u1"})[1] == "canary"
+        reloads = lua_nginx.reloads()
+        # nginx restarts under a running agent: it notices on its next sync and pushes again.
+        lua_nginx.restart()
+        wait_until(lambda: target.live_state() is not None, 10, "nginx back")
+        assert not agent.health()[0]
+        agent.changed()
+        wait_until(lambda: agent.health()[0], 15, "healthy after re-push")
+        assert Client(port).get("/", {"X-User-Id": "u1"})[1] == "canary"
+        assert lua_nginx.reloads() == reloads, "re-pushing needs no reload"
+
+
+@needs_lua
+def test_failed_push_restores_last_good(tmp_path: Path, lua_nginx: NginxInstance, backends) -> None:
+    """A version too large for the shared dict is refused by nginx; the last-good data is pushed back."""
+    port = free_port()
+    store = FileStore(str(tmp_path / "store"))
+    target = dynamic_target(lua_nginx, dict_size="64k")
+    _publish(store, _doc(backends, port, {"stable": 0, "canary": 100, "beta": 0}))
+    state = tmp_path / "state"
+    with running_agent_for(store, target, state, min_apply_interval=0.05, retry_initial=60) as agent:
+        wait_until(lambda: agent.health()[0], 15, "healthy")
+        huge = [f"{i:04d}" + "v" * 1020 for i in range(150)]  # ~150 KB of `in` values
+        version = _publish(store, _doc(backends, port, {"stable": 100, "canary": 0, "beta": 0},
+                                       rules=[{"name": "big", "match": {"headers": {"X-A": {"in": huge}}},
+                                               "to": "beta"}]))
+        wait_until(lambda: agent.status.failures >= 1, 15, "the failed apply")
+        assert target.live_version() is not None and target.live_version()[0] == version - 1  # type: ignore[index]
+        assert Client(port).get("/", {"X-User-Id": "u1"})[1] == "canary"
+    failed = [e for e in _audit(state) if e["event"] == "apply" and e["result"] == "failed"]
+    assert failed and failed[0]["restored"] and "shared dict" in failed[0]["error"], failed
