@@ -225,3 +225,44 @@ def test_two_controllers_never_both_act_and_the_second_takes_over(tmp_path: Path
             assert follower.ticks > 0, "the follower did not take over"
     messages = [m for _, m in controller_versions(store)]
     assert messages == [f"rollout product: step {i}/7 weight {w}%" for i, w in ((1, 10), (3, 20), (5, 30), (7, 100))]
+
+
+def test_controller_processes_killed_and_restarted_resume_and_never_both_act(tmp_path: Path, backends) -> None:
+    """`grayagent rollout run` as processes: two at once, the leader killed -9 mid-rollout, the rest resumes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    store_dir = str(tmp_path / "store")
+    store = FileStore(store_dir)
+    spec = {"canary": "canary", "steps": [{"weight": 10}, {"pause": "1s"}, {"weight": 20}, {"pause": "1s"},
+                                          {"weight": 30}, {"pause": "1.5s"}, {"weight": 100}]}
+    store.publish(dump(rollout_doc(backends, free_port(), spec)), 0, "test", "")
+    env = {**os.environ, "GRAYAGENT_STORE": store_dir}
+
+    def run() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "grayagent.cli", "rollout", "run", "--interval", "0.1"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+    procs = [run(), run()]
+    try:
+        assert grayagent("rollout", "start", "product", env=env).returncode == 0
+        wait_until(lambda: canary_share(store) == 20, 10, "two steps")
+        leader_line = (tmp_path / "store" / "rollouts" / ".leader").read_text()
+        leader = next(p for p in procs if f":{p.pid}:" in leader_line)
+        leader.send_signal(signal.SIGKILL)  # no cleanup at all: the kernel drops its flock
+        leader.wait(10)
+        wait_until(lambda: phase(store) == "succeeded", 15, "the survivor to finish the rollout")
+        survivor = next(p for p in procs if p is not leader)
+        survivor.send_signal(signal.SIGTERM)
+        assert survivor.wait(10) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+    logs = {p.pid: p.stdout.read() for p in procs}
+    assert sum("leading rollouts" in text for text in logs.values()) == 2, logs  # one after the other
+    messages = [m for _, m in controller_versions(store)]
+    assert messages == [f"rollout product: step {i}/7 weight {w}%" for i, w in ((1, 10), (3, 20), (5, 30), (7, 100))]
