@@ -15,6 +15,7 @@ from grayagent.agent import Agent, AgentSettings
 from grayagent.stores.base import Store
 from grayagent.targets.base import Target
 from grayagent.targets.nginx import NginxSettings, NginxTarget
+from grayagent.targets.nginx_dynamic import NginxDynamicSettings, NginxDynamicTarget
 from tests.servers.nginx import NginxInstance
 from tests.servers.proc import wait_until
 
@@ -22,6 +23,12 @@ from tests.servers.proc import wait_until
 def nginx_target(nginx: NginxInstance, reuseport: bool = False) -> NginxTarget:
     return NginxTarget(NginxSettings(conf=nginx.conf, main_conf=nginx.main_conf, binary=nginx.binary,
                                      verify_listen=nginx.verify_listen, reuseport=reuseport))
+
+
+def dynamic_target(nginx: NginxInstance, **settings: Any) -> NginxDynamicTarget:
+    """nginx dynamic mode on a test nginx started with NginxInstance(..., lua=True)."""
+    return NginxDynamicTarget(NginxDynamicSettings(conf=nginx.conf, main_conf=nginx.main_conf, binary=nginx.binary,
+                                                   control_listen=nginx.verify_listen, **settings))
 
 
 @contextmanager

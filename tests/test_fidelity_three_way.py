@@ -1,7 +1,8 @@
-"""nginx, Envoy and `grayagent route` make the same decision for every request.
+"""nginx (reload mode), nginx (dynamic mode), Envoy and `grayagent route` make the same decision for every request.
 
-Both proxies are configured through their target's apply, from one rule document: the Envoy copy differs
-only in the listen ports (both proxies run on this host). 10,000 seeded requests (tests/fidelity.py) cover
+The proxies are configured through their target's apply, from one rule document: the copies differ only
+in the listen ports (all run on this host). nginx dynamic mode joins when lua-nginx-module is installed
+(`make test` installs it); without it this stays three-way. 10,000 seeded requests (tests/fidelity.py) cover
 every matcher kind, three upstreams, two-decimal weights, a zero weight and awkward keys (empty, unicode,
 4 KB, quotes, whitespace); 600 more cover server names, the 404 for unknown hosts, a rule on Host and a
 one-part split without its key. Envoy merges repeated built-in headers, so no request repeats one.
@@ -18,11 +19,12 @@ import pytest
 from grayagent.model import parse_document
 from grayagent.stores.base import digest_of
 from grayagent.targets.base import Target
-from tests.agenthelp import nginx_target, wait_live
+from tests.agenthelp import dynamic_target, nginx_target, wait_live
 from tests.docs import dump
 from tests.envoyhelp import envoy_instance, envoy_target, wait_target_live
 from tests.fidelity import expected_answer, fidelity_document, host_requests, hosts_service, requests, send_all
 from tests.servers.envoy import EnvoyInstance
+from tests.servers.nginx import NginxInstance, lua_available
 from tests.servers.proc import free_port
 
 
@@ -51,10 +53,21 @@ def _with_ports(doc: dict, listen: dict[str, int]) -> dict:
     return out
 
 
-def test_nginx_envoy_and_simulator_agree_on_every_request(nginx, envoy, backends) -> None:
+@pytest.fixture
+def lua_nginx(tmp_path: Path) -> Iterator[NginxInstance | None]:
+    if not lua_available():
+        yield None
+        return
+    instance = NginxInstance(tmp_path / "nginx-dynamic", lua=True).start()
+    yield instance
+    instance.stop()
+
+
+def test_nginx_envoy_and_simulator_agree_on_every_request(nginx, lua_nginx, envoy, backends) -> None:
     backend_ports = {n: b.port for n, b in backends.items()}
     nginx_ports = {name: free_port() for name in ("svc-a", "svc-b", "svc-c")}
     envoy_ports = {name: free_port() for name in ("svc-a", "svc-b", "svc-c")}
+    dynamic_ports = {name: free_port() for name in ("svc-a", "svc-b", "svc-c")}
     doc = _document(backend_ports, nginx_ports)
     envoy_doc = _with_ports(doc, envoy_ports)
     assert _with_ports(envoy_doc, nginx_ports) == doc, "one document; only the listen ports differ"
@@ -64,6 +77,8 @@ def test_nginx_envoy_and_simulator_agree_on_every_request(nginx, envoy, backends
     target = envoy_target(envoy)
     _apply(target, envoy_doc)
     wait_target_live(target, 1)
+    if lua_nginx is not None:
+        _apply(dynamic_target(lua_nginx), _with_ports(doc, dynamic_ports))
 
     release = parse_document(dump(doc), "fidelity")
     reqs = requests(10_000) + host_requests(600)
@@ -71,11 +86,15 @@ def test_nginx_envoy_and_simulator_agree_on_every_request(nginx, envoy, backends
     expected = [expected_answer(release, r) for r in reqs]
     via_nginx = send_all(reqs, nginx_ports)
     via_envoy = send_all(reqs, envoy_ports)
+    via_dynamic = send_all(reqs, dynamic_ports) if lua_nginx is not None else via_nginx
 
-    disagree = [(r, e, n, v) for r, e, n, v in zip(reqs, expected, via_nginx, via_envoy, strict=True)
-                if not e == n == v]
-    assert not disagree, (f"{len(disagree)} of {len(reqs)} disagree (request, simulator, nginx, envoy); "
-                          f"first: {disagree[:3]}")
+    disagree = [(r, e, n, d, v) for r, e, n, d, v in zip(reqs, expected, via_nginx, via_dynamic, via_envoy,
+                                                         strict=True)
+                if not e == n == d == v]
+    assert not disagree, (f"{len(disagree)} of {len(reqs)} disagree (request, simulator, nginx reload, nginx "
+                          f"dynamic, envoy); first: {disagree[:3]}")
+    if lua_nginx is not None:
+        assert lua_nginx.reloads() == 1, "dynamic mode: one reload for the first skeleton, none after"
 
     # The corpus must really exercise everything it claims to.
     decisions = [r.simulate(release) for r in reqs if expected_answer(release, r) != "404"]

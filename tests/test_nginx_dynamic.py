@@ -31,7 +31,7 @@ from grayagent.targets.nginx_dynamic_render import (
     render_data,
     render_skeleton,
 )
-from tests.agenthelp import Client, running_agent_for
+from tests.agenthelp import Client, dynamic_target, running_agent_for
 from tests.docs import document, dump, service
 from tests.servers.nginx import LUA_MODULE, NginxInstance, lua_available
 from tests.servers.proc import free_port, wait_until
@@ -121,11 +121,6 @@ def lua_nginx(tmp_path: Path) -> Iterator[NginxInstance]:
     instance = NginxInstance(tmp_path / "nginx", lua=True).start()
     yield instance
     instance.stop()
-
-
-def dynamic_target(nginx: NginxInstance, **settings: object) -> NginxDynamicTarget:
-    return NginxDynamicTarget(NginxDynamicSettings(conf=nginx.conf, main_conf=nginx.main_conf, binary=nginx.binary,
-                                                   control_listen=nginx.verify_listen, **settings))  # type: ignore[arg-type]
 
 
 def apply_doc(target: NginxDynamicTarget, doc: dict, version: int = 1) -> None:
