@@ -174,6 +174,23 @@ def test_hostile_document_routes_like_the_simulator(lua_nginx: NginxInstance, ba
 
 
 @needs_lua
+def test_regexes_run_on_bytes_like_nginx_map(lua_nginx: NginxInstance, backends) -> None:
+    """ngx.re.find without the "u" flag: `.` is one byte, as in nginx's map regexes and routing.route."""
+    port = free_port()
+    servers = {n: [f"127.0.0.1:{b.port}"] for n, b in backends.items()}
+    doc = document(service(listen=f"127.0.0.1:{port}", servers=servers, rules=[
+        {"name": "one-byte", "match": {"headers": {"X-One": {"regex": "^.$"}}}, "to": "canary"},
+        {"name": "two-bytes", "match": {"headers": {"X-One": {"regex": "^..$"}}}, "to": "beta"}]))
+    apply_doc(dynamic_target(lua_nginx), doc)
+    svc = parse_document(dump(doc), "t").services[0]
+    client = Client(port)
+    for value in ("a", "é", "ab", "中", ""):
+        want = route(svc, Request.build(headers={"X-One": value})).upstream
+        assert client.get("/", {"X-One": value})[1] == want, value
+    assert client.get("/", {"X-One": "é"})[1] == "beta"
+
+
+@needs_lua
 def test_push_endpoint_refuses_code_and_garbage(lua_nginx: NginxInstance, backends) -> None:
     """Data runs in an empty environment: a chunk that calls anything fails; a shape mismatch is refused."""
     port = free_port()
