@@ -357,3 +357,29 @@ def test_directory_store_records_and_lock(tmp_path: Path) -> None:
     again = b.acquire_leadership("b")
     assert again is not None
     again.release()
+
+
+def test_promote_passes_the_next_gate_and_pause_holds_even_timed_steps(tmp_path: Path) -> None:
+    spec = {"canary": "canary", "steps": [{"weight": 10}, {"pause": "1h"}, {"weight": 50}, {"pause": "1m"},
+                                          {"weight": 100}]}
+    store, clock, _source, ctl = setup(tmp_path, spec)
+    rollout.request(store, "product", "promote")  # arrives before the weight step: kept for the gate after it
+    ctl.tick()
+    ctl.tick()
+    rec = store.read_record("product")[0]
+    assert rec["step"] == 2 and "promoted" in rec["events"][-1]["message"]
+    ctl.tick()
+    rollout.request(store, "product", "pause")
+    clock.now += 120
+    ctl.tick()
+    rec = store.read_record("product")[0]
+    assert rec["phase"] == "paused" and rec["step"] == 3
+    rollout.request(store, "product", "resume")
+    ctl.tick()
+    assert store.read_record("product")[0]["step"] == 3  # the timed pause starts over after a manual one
+    clock.now += 60
+    ctl.tick()
+    ctl.tick()
+    rec = store.read_record("product")[0]
+    assert rec["phase"] == "succeeded" and rec["weight"] == 10000
+    assert "canary canary at 100%" in rollout.format_status(rec, clock.now)

@@ -171,6 +171,8 @@ class Controller:
                         self.tick()
                     except GrayagentError as exc:  # store hiccup: keep the record, try again next tick
                         log.warning("rollout tick failed", error=str(exc))
+                    except Exception:  # a bug must not end the service; the record is untouched
+                        log.exception("rollout tick crashed")
                 if ready is not None:
                     ready()
                     ready = None
@@ -279,12 +281,12 @@ class Controller:
         step: RolloutStep = spec.steps[index]
         label = f"rollout {service}: step {index + 1}/{len(spec.steps)}"
         if step.weight is not None:
+            # A pending promote is kept for the next pause: it was meant for a gate, not for this step.
             self._publish_weight(service, rec, spec, current, step.weight, f"{label} weight {_pct(step.weight)}")
-        elif requests.get("promote"):
+        elif requests.pop("promote", None):
             _event(rec, now, f"{label} ({step.describe()}) promoted")
         elif step.manual or now - rec["step_started_at"] < (step.pause or 0.0):
             return  # waiting: for `promote`, or for the pause to run out
-        requests.pop("promote", None)
         rec["step"] = index + 1
         rec["step_started_at"] = now
         if rec["step"] >= len(spec.steps):
