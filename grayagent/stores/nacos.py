@@ -178,7 +178,7 @@ _SDK_HANDLED = re.compile(r"\[(do-sync-req|get-config|get-configs|delete-file|ad
 
 
 def _remember_secret(secret: str | None) -> None:
-    if secret:
+    if secret and len(secret) >= 4:  # replacing a 1-3 character password everywhere would garble every line
         with _SECRETS_LOCK:
             _SECRETS.add(secret)
 
