@@ -8,6 +8,8 @@ sees). wrk's socket errors plus its non-2xx responses are the failed requests.
 
 Envoy takes a rule change as an RDS-only file swap: its listeners and connections stay. nginx reloads:
 new workers start, and the old ones finish their in-flight requests and close their keep-alive connections.
+nginx dynamic mode (`--nginx-mode dynamic`, lua-nginx-module) pushes the change into a shared dict: no
+reload, every connection stays.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from grayagent.stores import open_store
 from grayagent.targets.envoy import EnvoySettings, EnvoyTarget
-from tests.agenthelp import Client, nginx_target
+from tests.agenthelp import Client, dynamic_target, nginx_target
 from tests.docs import document, dump, service
 from tests.servers.backends import Backend
 from tests.servers.envoy import EnvoyInstance, envoy_binary
@@ -85,10 +87,12 @@ def run(target: str, changes: int, interval: float, work: Path, load: bool = Tru
                 "--envoy-bin", envoy_binary()]
         live = EnvoyTarget(EnvoySettings(proxy.envoy_dir, admin_url=proxy.admin_url)).live_version
     else:
-        proxy = NginxInstance(work / "nginx").start()
+        dynamic = target == "nginx-dynamic"
+        proxy = NginxInstance(work / "nginx", lua=dynamic).start()
         args = ["--nginx-conf", str(proxy.conf), "--nginx-main-conf", str(proxy.main_conf), "--nginx-bin",
-                proxy.binary, "--verify-listen", proxy.verify_listen]
-        live = nginx_target(proxy).live_version
+                proxy.binary, "--verify-listen", proxy.verify_listen,
+                "--nginx-mode", "dynamic" if dynamic else "reload"]
+        live = dynamic_target(proxy).live_version if dynamic else nginx_target(proxy).live_version
     store.publish(change(servers, port, 0), 0, "bench", "round 0")
     agent = subprocess.Popen([sys.executable, "-m", "grayagent.cli", "agent", "--store", str(store_dir), *args,
                               "--state-dir", str(work / "state"), "--min-apply-interval", str(interval)],
@@ -133,11 +137,12 @@ def run(target: str, changes: int, interval: float, work: Path, load: bool = Tru
         proxy.stop()
         for b in backends.values():
             b.stop()
+    reloads = proxy.reloads() if isinstance(proxy, NginxInstance) else None
     applies = [json.loads(line) for line in (work / "state" / "audit.jsonl").read_text().splitlines()
                if '"apply"' in line]
     return {"bench": "keepalive_churn", "target": target, "load": f"wrk -t{THREADS} -c{CONNECTIONS}" if load else None,
             "changes": len(latencies),
-            "applies_ok": sum(1 for a in applies if a.get("result") == "ok"),
+            "applies_ok": sum(1 for a in applies if a.get("result") == "ok"), "nginx_reloads": reloads,
             "connections": CONNECTIONS, "wrk_requests": counts["requests"],
             "failed_requests": counts["socket_errors"] + counts["non_2xx"],
             "socket_errors": counts["socket_errors"], "non_2xx": counts["non_2xx"],
@@ -153,7 +158,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--changes", type=int, default=50)
     parser.add_argument("--interval", type=float, default=0.25)
-    parser.add_argument("--targets", default="envoy,nginx")
+    parser.add_argument("--targets", default="envoy,nginx,nginx-dynamic")
     parser.add_argument("--no-load", action="store_true", help="Measure publish -> served without wrk.")
     args = parser.parse_args()
     if shutil.which("wrk") is None and not args.no_load:

@@ -314,3 +314,15 @@ def test_failed_push_restores_last_good(tmp_path: Path, lua_nginx: NginxInstance
         assert Client(port).get("/", {"X-User-Id": "u1"})[1] == "canary"
     failed = [e for e in _audit(state) if e["event"] == "apply" and e["result"] == "failed"]
     assert failed and failed[0]["restored"] and "shared dict" in failed[0]["error"], failed
+
+
+def test_dynamic_mode_without_the_lua_module_fails_cleanly(nginx: NginxInstance, backends) -> None:
+    """An nginx without lua-nginx-module: nginx -t names the missing module, and the last-good file stays."""
+    before = nginx.conf.read_bytes()
+    target = dynamic_target(nginx)
+    content = dump(document(service(listen=f"127.0.0.1:{free_port()}",
+                                    servers={n: [f"127.0.0.1:{b.port}"] for n, b in backends.items()})))
+    result = target.apply(target.render(parse_document(content, "t"), 1, digest_of(content)), 1, digest_of(content))
+    assert not result.ok and result.restored and not result.reloaded
+    assert "libnginx-mod-http-lua" in (result.error or "")
+    assert nginx.conf.read_bytes() == before

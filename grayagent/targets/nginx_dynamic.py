@@ -128,7 +128,11 @@ class NginxDynamicTarget:
     def _check(self) -> None:
         done = run_command(self._nginx("-t", "-q"))
         if done.returncode != 0:
-            raise StepFailed(f"nginx -t failed: {_first_error(done.stderr + done.stdout)}")
+            error = _first_error(done.stderr + done.stdout)
+            if 'unknown directive "lua_' in error:
+                error += " (dynamic mode needs lua-nginx-module: load_module ngx_http_lua_module.so; " \
+                         "Debian: libnginx-mod-http-lua)"
+            raise StepFailed(f"nginx -t failed: {error}")
 
     def _reload(self) -> None:
         done = run_command(self._nginx("-s", "reload"))
