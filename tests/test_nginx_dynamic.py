@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from grayagent.model import Release, parse_document
 from grayagent.routing import Request, route
@@ -88,9 +89,18 @@ def test_fingerprint_is_topology_only() -> None:
     assert fingerprint(parse_document(dump(document(more)), "t"), OPTIONS) != base
 
 
+# 1 KB of everything that could end a Lua string or long bracket, or reach nginx: quotes, ]], $var, \\.
+LONG = ('x]]"\'$host${x}\\;{}]=]' * 80)[:1024]
+
+
 def test_hostile_values_stay_inside_lua_strings() -> None:
     release, digest = _release("hostile")
+    doc = yaml.safe_load((GOLDEN / "hostile" / "rules.yaml").read_text())
+    doc["spec"]["services"][0]["rules"].append({"name": "long", "to": "canary", "match": {"headers": {
+        "X-Long": {"in": [LONG, LONG + "\n]]\r\n" + LONG]}}}})
+    release = parse_document(json.dumps(doc).encode(), "hostile")
     data = render_data(release, 7, digest, fingerprint(release, OPTIONS))
+    assert len(data) > 3 * 1024
     skeleton = render_skeleton(release, OPTIONS)
     assert 'return 200 "pwned"' not in data + skeleton and "listen 1;" not in data + skeleton
     assert "$host" not in data and "]]" not in data and "\r" not in data
@@ -157,6 +167,10 @@ def test_hostile_document_routes_like_the_simulator(lua_nginx: NginxInstance, ba
     servers = f'["127.0.0.1:{backends["stable"].port}"]', f'["127.0.0.1:{backends["canary"].port}"]'
     raw = (raw.replace("listen: 18080", f"listen: 127.0.0.1:{port}").replace('["127.0.0.1:9001"]', servers[0])
            .replace('["127.0.0.1:9002"]', servers[1]))
+    doc = yaml.safe_load(raw)
+    doc["spec"]["services"][0]["rules"].append({"name": "long", "to": "canary",
+                                                 "match": {"headers": {"X-Long": {"exact": LONG}}}})
+    raw = json.dumps(doc)
     release = parse_document(raw.encode(), "hostile")
     target = dynamic_target(lua_nginx)
     result = target.apply(target.render(release, 1, digest_of(raw.encode())), 1, digest_of(raw.encode()))
@@ -171,6 +185,8 @@ def test_hostile_document_routes_like_the_simulator(lua_nginx: NginxInstance, ba
     assert client.get("/?q=$host${request_uri}\\x")[1] == "canary"
     long_value = "k" * 1024
     assert client.get("/", {"X-A": long_value})[1] == route(svc, Request.build(headers={"X-A": long_value})).upstream
+    assert client.get("/", {"X-Long": LONG})[1] == "canary"
+    assert client.get("/", {"X-Long": LONG[:-1]})[1] == "stable"
 
 
 @needs_lua
