@@ -10,6 +10,8 @@ import dataclasses
 import json
 import os
 import re
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -264,12 +266,28 @@ def test_agent_pushes_rule_and_weight_changes_without_reloads(tmp_path: Path, lu
         wait_until(lambda: client.get("/")[1] == "beta", 10, "the default switch")
         assert lua_nginx.reloads() == reloads, "rule, weight and default changes must not reload nginx"
 
-        # A topology change (another upstream, so other upstream servers) reloads once.
+        # A topology change (another upstream, so other upstream servers) reloads once. The new skeleton's
+        # data is pushed before the reload: no request meets a new worker without data (the default, beta).
+        answers: list[str] = []
+        done = threading.Event()
+
+        def probe() -> None:
+            while not done.is_set():
+                fresh = Client(port)
+                answers.append(fresh.get("/", {"X-User-Id": "u1"})[1])
+                fresh.close()
+
+        prober = threading.Thread(target=probe, daemon=True)
+        prober.start()
         doc = _doc(backends, port, {"stable": 0, "canary": 100, "beta": 0}, default="beta")
         doc["spec"]["services"][0]["upstreams"]["extra"] = {"servers": [f"127.0.0.1:{backends['stable'].port}"]}
         version = _publish(store, doc)
         wait_until(lambda: (target.live_version() or (0, ""))[0] == version, 15, "the topology change")
+        time.sleep(0.3)  # past the old workers' retirement
+        done.set()
+        prober.join(10)
         assert lua_nginx.reloads() == reloads + 1
+        assert len(answers) > 20 and set(answers) == {"canary"}, sorted(set(answers))
         assert Client(port).get("/", {"X-User-Id": "u1"})[1] == "canary"
 
     applies = [e for e in _audit(tmp_path / "state") if e["event"] == "apply"]

@@ -38,6 +38,7 @@ from grayagent.targets.nginx_dynamic_render import (
     VERSION_PATH,
     DynamicOptions,
     render,
+    skeleton_fingerprint,
 )
 
 LUA_MODE = 0o644  # nginx workers (not root) read the modules; they hold code, no secrets
@@ -151,6 +152,13 @@ class NginxDynamicTarget:
             raise StepFailed(f"nginx serves {shown}, not skeleton {skeleton[:12]} with version {version}, "
                              f"{self.settings.verify_timeout:.0f}s after apply (see nginx's error_log)")
 
+    def _wait_skeleton(self, fp: str) -> None:
+        """After a reload: until the new workers answer (the old ones answer for a moment after SIGHUP)."""
+        if not poll_until(lambda: (state := self.live_state()) is not None and state.skeleton == fp,
+                          self.settings.verify_timeout):
+            raise StepFailed(f"nginx does not run skeleton {fp[:12]} {self.settings.verify_timeout:.0f}s after "
+                             "the reload (see nginx's error_log for [emerg], e.g. a failed bind)")
+
     def _read(self, name: str) -> bytes | None:
         try:
             return (self.dir / name).read_bytes()
@@ -161,7 +169,9 @@ class NginxDynamicTarget:
         result = ApplyResult(ok=False)
         conf_name = self.settings.conf.name
         skeleton, data = files[conf_name], files[DATA_FILE]
-        fp = skeleton.split(b"# skeleton ", 1)[1].split(b":", 1)[0].decode("ascii")
+        fp = skeleton_fingerprint(skeleton)
+        if fp is None:
+            raise ValueError("not a dynamic-mode skeleton")  # a programming error, not an apply failure
         previous = self._read(conf_name)
         last_good = self._read(DATA_FILE)
         live = self.live_state()
@@ -169,7 +179,7 @@ class NginxDynamicTarget:
             result.ok = True
             return result
         written = False
-        pushed = False
+        pushed = False  # before the reload
         try:
             if previous != skeleton:
                 with result.step("write"):
@@ -180,19 +190,26 @@ class NginxDynamicTarget:
                     written = True
                 with result.step("check"):
                     self._check()
-            if live is not None:
-                # The running skeleton's control server takes any skeleton's data (keyed by fingerprint).
+            if live is not None and live.skeleton == fp:
                 with result.step("push"):
                     self._push(data)
-                    pushed = True
-            if live is None or live.skeleton != fp:
+            else:
+                if live is not None:
+                    # Gap-free topology change: the running control server stores any skeleton's data (keyed
+                    # by fingerprint), so the new workers find theirs at their first request. Best effort:
+                    # an older grayagent's Lua may not take this data; then the push follows the reload.
+                    with result.step("push"):
+                        try:
+                            self._push(data)
+                            pushed = True
+                        except (StepFailed, OSError):
+                            pushed = False
                 with result.step("reload"):
                     result.reloaded = True
                     self._reload()
-                    if not pushed:  # nothing answered before: push to the new workers once they listen
-                        poll_until(lambda: self.live_state() is not None, self.settings.verify_timeout)
+                    if not pushed:
+                        self._wait_skeleton(fp)
                         self._push(data)
-                        pushed = True
             with result.step("verify"):
                 self._verify(fp, version, digest)
             atomic_write(self.dir / DATA_FILE, data)
@@ -212,7 +229,9 @@ class NginxDynamicTarget:
                     atomic_write(self.settings.conf, previous if isinstance(previous, bytes) else PLACEHOLDER)
                 if result.reloaded:
                     self._reload()
-                    poll_until(lambda: self.live_state() is not None, self.settings.verify_timeout)
+                running = skeleton_fingerprint(previous) if isinstance(previous, bytes) else None
+                if result.reloaded and running is not None:
+                    self._wait_skeleton(running)
                 if last_good is not None and self.live_state() is not None:
                     self._push(last_good)
                 result.restored = True

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -73,6 +74,15 @@ def topology(release: Release, options: DynamicOptions) -> dict[str, Any]:
 def fingerprint(release: Release, options: DynamicOptions) -> str:
     canonical = json.dumps(topology(release, options), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+_FP_LINE = re.compile(rb"^# skeleton ([0-9a-f]{32}):", re.MULTILINE)
+
+
+def skeleton_fingerprint(skeleton: bytes) -> str | None:
+    """The fingerprint a rendered skeleton carries (its second line); None for anything else."""
+    found = _FP_LINE.search(skeleton[:400])
+    return found.group(1).decode("ascii") if found else None
 
 
 # ---------------------------------------------------------------------------------------------- data
