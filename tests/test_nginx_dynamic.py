@@ -360,3 +360,26 @@ def test_dynamic_mode_without_the_lua_module_fails_cleanly(nginx: NginxInstance,
     assert not result.ok and result.restored and not result.reloaded
     assert "libnginx-mod-http-lua" in (result.error or "")
     assert nginx.conf.read_bytes() == before
+
+
+def test_nginx_mode_from_flag_env_and_config_file(tmp_path: Path) -> None:
+    from grayagent import agentrun
+    from grayagent.errors import UsageError
+    from grayagent.targets.nginx import NginxTarget
+
+    base = {"state_dir": str(tmp_path / "state"), "nginx_conf": str(tmp_path / "conf.d" / "grayagent.conf")}
+    assert isinstance(agentrun.build_target(agentrun.resolve_options(base, None, {})), NginxTarget)
+    flagged = agentrun.resolve_options({**base, "nginx_mode": "dynamic"}, None, {})
+    assert isinstance(agentrun.build_target(flagged), NginxDynamicTarget)
+    env = agentrun.resolve_options(base, None, {"GRAYAGENT_NGINX_MODE": "dynamic"})
+    assert env.nginx_mode == "dynamic"
+    config = tmp_path / "agent.yaml"
+    config.write_text("nginx_mode: dynamic\n")
+    assert agentrun.resolve_options(base, str(config), {}).nginx_mode == "dynamic"
+    config.write_text("nginx_mode: fast\n")
+    with pytest.raises(Exception, match="nginx_mode"):
+        agentrun.resolve_options(base, str(config), {})
+    with pytest.raises(UsageError, match="reload or dynamic"):
+        agentrun.resolve_options({**base, "nginx_mode": "fast"}, None, {})
+    with pytest.raises(UsageError, match="access-log"):
+        agentrun.resolve_options({**base, "nginx_mode": "dynamic", "nginx_access_log": "/tmp/a.log"}, None, {})
