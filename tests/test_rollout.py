@@ -162,6 +162,9 @@ def test_max_duration_triggers_a_timed_rollback(tmp_path: Path, nginx, backends)
     rec, _ = store.read_record("product")
     assert rec["reason"] == "maxDuration 2s exceeded"
     assert controller_versions(store)[-1][1] == "rollout product: rolled back (maxDuration 2s exceeded): canary weight 0%"
+    watched = grayagent("rollout", "status", "product", "--watch", "--store", str(tmp_path / "store"), timeout=10)
+    assert watched.returncode == 0 and "rollout product: rolled-back" in watched.stdout  # --watch ends with it
+    assert "reason: maxDuration 2s exceeded" in watched.stdout
 
 
 def test_manual_gate_waits_for_promote_and_a_restarted_controller_resumes(tmp_path: Path, nginx, backends) -> None:
