@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import threading
 import time
@@ -31,7 +30,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import grpc
 import structlog
@@ -48,6 +46,7 @@ from grayagent.stores.base import (
     digest_of,
     utc_now,
 )
+from grayagent.stores.urls import parse_store_url
 
 log = structlog.get_logger("grayagent.etcd")
 T = TypeVar("T")
@@ -65,6 +64,7 @@ GRPC_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 AGENT_LEASE_TTL = 15
+PASSWORD_ENV = "GRAYAGENT_ETCD_PASSWORD"  # noqa: S105 - the variable's name, not a password
 LEADER_LEASE_TTL = 6   # rollout controller leadership: a dead leader is replaced within this many seconds
 LEADER_KEY = ".leader"
 
@@ -89,52 +89,20 @@ class EtcdConfig:
 
 
 def parse_url(url: str) -> EtcdConfig:
-    parts = urlsplit(url)
-    where = f"--store: {parts.scheme}://{parts.hostname or ''}..."
-    if parts.password is not None:
-        raise UsageError(f"{where}: do not put the password in the URL; use password_file= or "
-                         "$GRAYAGENT_ETCD_PASSWORD")
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    endpoints = tuple(e.strip() for e in netloc.split(",") if e.strip())
-    if not endpoints:
-        raise UsageError(f"{where}: no endpoints; use etcd://host:2379[,host2:2379]/grayagent/<release>")
-    for ep in endpoints:
-        host, _, port = ep.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise UsageError(f"{where}: endpoint {ep!r} is not host:port")
-    prefix = unquote(parts.path).rstrip("/")
-    if not prefix or prefix == "/":
+    parsed = parse_store_url(url, example="etcd://host:2379[,host2:2379]/grayagent/<release>",
+                             password_env=PASSWORD_ENV, options=frozenset({"ca", "cert", "key"}))
+    where = parsed.where
+    if not parsed.path:
         raise UsageError(f"{where}: name the release prefix, e.g. etcd://host:2379/grayagent/shop")
-    query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
-    known = {"ca", "cert", "key", "user", "password_file", "timeout"}
-    unknown = sorted(set(query) - known)
-    if unknown:
-        raise UsageError(f"{where}: unknown option {unknown[0]!r} (known: {', '.join(sorted(known))})")
-    if "password" in query:
-        raise UsageError(f"{where}: use password_file= or $GRAYAGENT_ETCD_PASSWORD, not password=")
-    user = query.get("user") or (unquote(parts.username) if parts.username else None)
-    password: str | None = None
-    if "password_file" in query:
-        try:
-            password = Path(query["password_file"]).read_text().rstrip("\n")
-        except OSError as exc:
-            raise UsageError(f"{where}: password_file: {exc.strerror}") from None
-    elif user:
-        password = os.environ.get("GRAYAGENT_ETCD_PASSWORD")
-        if password is None:
-            raise UsageError(f"{where}: user {user!r} needs password_file= or $GRAYAGENT_ETCD_PASSWORD")
-    try:
-        timeout = float(query.get("timeout", "5"))
-    except ValueError:
-        raise UsageError(f"{where}: timeout: not a number") from None
-    files = {k: Path(query[k]) for k in ("ca", "cert", "key") if query.get(k)}
+    files = {k: Path(v) for k, v in parsed.options.items() if v}
     for name, path in files.items():
         if not path.is_file():
             raise UsageError(f"{where}: {name}: {path} does not exist")
     if ("cert" in files) != ("key" in files):
         raise UsageError(f"{where}: cert and key go together")
-    return EtcdConfig(endpoints, prefix + "/", parts.scheme == "etcds" or bool(files), files.get("ca"),
-                      files.get("cert"), files.get("key"), user, password, timeout)
+    return EtcdConfig(parsed.endpoints, f"/{parsed.path}/", parsed.scheme == "etcds" or bool(files),
+                      files.get("ca"), files.get("cert"), files.get("key"), parsed.user, parsed.password,
+                      parsed.timeout)
 
 
 def _status_code(exc: grpc.RpcError) -> grpc.StatusCode | None:

@@ -67,16 +67,16 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, TypeVar
 from urllib.error import HTTPError
-from urllib.parse import parse_qs, unquote, unquote_plus, urlencode, urlsplit
+from urllib.parse import unquote_plus, urlencode
 
 import structlog
 from nacos import NacosClient
 
 from grayagent.errors import Conflict, GrayagentError, StoreError, UsageError, VersionNotFound
 from grayagent.stores.base import VersionMeta, VersionRecord, WatchHandler, digest_of, utc_now
+from grayagent.stores.urls import parse_store_url
 
 log = structlog.get_logger("grayagent.nacos")
 T = TypeVar("T")
@@ -112,54 +112,19 @@ class NacosConfig:
 
 
 def parse_url(url: str) -> NacosConfig:
-    parts = urlsplit(url)
-    where = f"--store: nacos://{parts.hostname or ''}..."
-    if parts.password is not None:
-        raise UsageError(f"{where}: do not put the password in the URL; use password_file= or ${PASSWORD_ENV}")
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    endpoints = tuple(e.strip() for e in netloc.split(",") if e.strip())
-    if not endpoints:
-        raise UsageError(f"{where}: no endpoints; use nacos://host:8848[,host2:8848]/<release>")
-    for ep in endpoints:
-        host, _, port = ep.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise UsageError(f"{where}: endpoint {ep!r} is not host:port")
-    release = unquote(parts.path).strip("/")
+    parsed = parse_store_url(url, example="nacos://host:8848[,host2:8848]/<release>", password_env=PASSWORD_ENV,
+                             options=frozenset({"namespace", "group"}))
+    where = parsed.where
+    release = parsed.path
     if not release:
         raise UsageError(f"{where}: name the release, e.g. nacos://host:8848/shop")
-    query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
-    known = {"namespace", "group", "user", "password_file", "timeout"}
-    if "password" in query:
-        raise UsageError(f"{where}: use password_file= or ${PASSWORD_ENV}, not password=")
-    unknown = sorted(set(query) - known)
-    if unknown:
-        raise UsageError(f"{where}: unknown option {unknown[0]!r} (known: {', '.join(sorted(known))})")
-    namespace = query.get("namespace", "")
+    namespace = parsed.options.get("namespace", "")
     namespace = "" if namespace == "public" else namespace  # Nacos's name for the default namespace
-    group = query.get("group") or DEFAULT_GROUP
+    group = parsed.options.get("group") or DEFAULT_GROUP
     for label, value in (("release", release), ("group", group), ("namespace", namespace)):
         if value and not NAME_RE.fullmatch(value):
             raise UsageError(f"{where}: {label} {value[:40]!r}: use letters, digits and _ - . : (at most 128)")
-    user = query.get("user") or (unquote(parts.username) if parts.username else None)
-    password: str | None = None
-    if "password_file" in query:
-        try:
-            password = Path(query["password_file"]).read_text().rstrip("\n")
-        except OSError as exc:
-            raise UsageError(f"{where}: password_file: {exc.strerror}") from None
-        if not user:
-            raise UsageError(f"{where}: password_file= needs user=")
-    elif user:
-        password = os.environ.get(PASSWORD_ENV)
-        if password is None:
-            raise UsageError(f"{where}: user {user!r} needs password_file= or ${PASSWORD_ENV}")
-    try:
-        timeout = float(query.get("timeout", "5"))
-    except ValueError:
-        raise UsageError(f"{where}: timeout: not a number") from None
-    if not 0 < timeout <= 300:
-        raise UsageError(f"{where}: timeout: between 0 and 300 seconds")
-    return NacosConfig(endpoints, release, namespace, group, user, password, timeout)
+    return NacosConfig(parsed.endpoints, release, namespace, group, parsed.user, parsed.password, parsed.timeout)
 
 
 def md5_hex(text: str) -> str:
