@@ -304,11 +304,13 @@ def rollout_group() -> None:
 @_store_option()
 @click.option("--interval", type=click.FloatRange(min=0.05), default=2.0, show_default=True,
               help="Seconds between controller ticks.")
-def rollout_run(store_url: str | None, interval: float) -> None:
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep a hash-chained audit log of the controller's publishes here.")
+def rollout_run(store_url: str | None, interval: float, state_dir: Path | None) -> None:
     """The controller: long-running; several may run, one leads (lock or lease)."""
     from grayagent.rollout import service
 
-    service.serve(_open(store_url), interval)
+    service.serve(_open(store_url), interval, state_dir)
 
 
 @rollout_group.command(name="start")

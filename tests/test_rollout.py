@@ -150,6 +150,19 @@ def test_canary_returning_5xx_is_rolled_back_automatically(tmp_path: Path, nginx
     assert all(0.05 < a["canary"]["error_rate"] < 0.2 for a in failed), failed
 
 
+def test_slow_canary_is_rolled_back_on_p99(tmp_path: Path, nginx, backends) -> None:
+    spec = {"canary": "canary", "steps": [{"weight": 30}, {"pause": "60s"}, {"weight": 100}],
+            "analysis": {**ANALYSIS, "maxP99LatencyMs": 150}, "onFailure": "zero"}
+    with gateway(tmp_path, nginx, backends, spec) as (store, _), controller(store):
+        backends["canary"].slow(0.2)
+        rollout.start(store, "product")
+        wait_until(lambda: phase(store) == "rolled-back", 20, "the rollback on latency")
+    assert canary_share(store) == 0
+    rec, _ = store.read_record("product")
+    failed = [a for a in rec["analyses"] if a["result"] == "fail"]
+    assert failed and failed[0]["reasons"][0].startswith("canary p99 2") and failed[0]["canary"]["error_rate"] == 0
+
+
 def test_max_duration_triggers_a_timed_rollback(tmp_path: Path, nginx, backends) -> None:
     spec = {"canary": "canary", "steps": [{"weight": 10}, {"pause": "manual"}, {"weight": 100}],
             "analysis": ANALYSIS, "maxDuration": "2s", "onFailure": "zero"}
@@ -244,11 +257,12 @@ def test_controller_processes_killed_and_restarted_resume_and_never_both_act(tmp
     store.publish(dump(rollout_doc(backends, free_port(), spec)), 0, "test", "")
     env = {**os.environ, "GRAYAGENT_STORE": store_dir}
 
-    def run() -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "grayagent.cli", "rollout", "run", "--interval", "0.1"],
+    def run(i: int) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "grayagent.cli", "rollout", "run", "--interval", "0.1",
+                                 "--state-dir", str(tmp_path / f"ctl{i}")],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
-    procs = [run(), run()]
+    procs = [run(0), run(1)]
     try:
         assert grayagent("rollout", "start", "product", env=env).returncode == 0
         wait_until(lambda: canary_share(store) == 20, 10, "two steps")
@@ -269,3 +283,11 @@ def test_controller_processes_killed_and_restarted_resume_and_never_both_act(tmp
     assert sum("leading rollouts" in text for text in logs.values()) == 2, logs  # one after the other
     messages = [m for _, m in controller_versions(store)]
     assert messages == [f"rollout product: step {i}/7 weight {w}%" for i, w in ((1, 10), (3, 20), (5, 30), (7, 100))]
+    # Each controller audited what it did; together, every step exactly once.
+    audited = []
+    for i in range(2):
+        if (tmp_path / f"ctl{i}" / "audit.jsonl").exists():
+            assert grayagent("audit", "verify", "--state-dir", str(tmp_path / f"ctl{i}")).returncode == 0
+            entries = [json.loads(line) for line in (tmp_path / f"ctl{i}" / "audit.jsonl").read_text().splitlines()]
+            audited += [e["version"] for e in entries if e["event"] == "rollout-step"]
+    assert sorted(audited) == [2, 3, 4, 5]

@@ -26,6 +26,7 @@ from typing import Any
 
 import structlog
 
+from grayagent.audit import AuditLog
 from grayagent.errors import Conflict, GrayagentError, InvalidDocument, UsageError
 from grayagent.model import Rollout, RolloutStep, parse_document
 from grayagent.rollout.analysis import judge
@@ -151,8 +152,10 @@ def request(store: Store, service: str, action: str, clock: Clock = time.time) -
 
 class Controller:
     def __init__(self, store: Store, interval: float = 2.0, clock: Clock = time.time,
-                 holder: str | None = None, sources: Callable[[Rollout], MetricsSource] | None = None) -> None:
+                 holder: str | None = None, sources: Callable[[Rollout], MetricsSource] | None = None,
+                 audit: AuditLog | None = None) -> None:
         self.store = store
+        self.audit = audit  # hash-chained record of every publish and rollback this controller made
         self.state = state_of(store)
         self.interval = interval
         self.clock = clock
@@ -296,6 +299,15 @@ class Controller:
         rec["phase"] = "succeeded"
         rec["finished_at"] = now
         _event(rec, now, f"rollout {service}: succeeded at canary weight {_pct(rec.get('weight', 0))}")
+        self._audit("rollout-done", service=service, weight=rec.get("weight", 0))
+
+    def _audit(self, event: str, **fields: Any) -> None:
+        if self.audit is None:
+            return
+        try:
+            self.audit.append(event, holder=self.holder, store=self.store.url, **fields)
+        except OSError as exc:  # the store holds the truth; a full disk must not stop a rollback
+            log.error("rollout audit append failed", error=str(exc))
 
     def _publish_weight(self, service: str, rec: dict[str, Any], spec: Rollout, current: VersionRecord,
                         weight: int, message: str) -> None:
@@ -311,6 +323,8 @@ class Controller:
                 continue
             rec.setdefault("versions", []).append(meta.version)
             _event(rec, self.clock(), f"{message}: version {meta.version}")
+            self._audit("rollout-step", service=service, step=rec["step"] + 1, weight=weight, version=meta.version,
+                        message=message)
             break
         rec["weight"] = weight
 
@@ -336,6 +350,8 @@ class Controller:
                 continue
             rec.setdefault("versions", []).append(meta.version)
             _event(rec, now, f"{message}: version {meta.version}")
+            self._audit("rollout-rollback", service=service, version=meta.version, on_failure=spec.on_failure,
+                        reason=reason, message=message)
             break
         rec["phase"] = phase
         rec["reason"] = reason

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import signal
 import threading
+from pathlib import Path
 
 from grayagent import sdnotify
+from grayagent.audit import AuditLog
 from grayagent.rollout.controller import Controller
 from grayagent.stores.base import Store
 
 
-def serve(store: Store, interval: float) -> None:
-    """Run the controller until SIGTERM/SIGINT."""
+def serve(store: Store, interval: float, state_dir: Path | None = None) -> None:
+    """Run the controller until SIGTERM/SIGINT; with `state_dir`, audit its publishes there."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    controller = Controller(store, interval=interval)
+    audit = None
+    if state_dir is not None:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        audit = AuditLog(state_dir)
+    controller = Controller(store, interval=interval, audit=audit)
 
     def ready() -> None:
         sdnotify.notify("READY=1")
