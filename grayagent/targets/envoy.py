@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
 from grayagent.fsutil import atomic_write
 from grayagent.model import Release
 from grayagent.rollout.traffic import EnvoyStatsPoller
@@ -36,8 +38,11 @@ from grayagent.targets.envoy_render import (
     render,
     validation_bootstrap,
 )
+from grayagent.targets.envoy_validate import PrewarmedValidator
 
 LDS_STATS = "listener_manager.lds"
+log = structlog.get_logger("grayagent.envoy")
+VALIDATE_ARGS = ("--disable-hot-restart", "--concurrency", "1", "-l", "error")
 CDS_STATS = "cluster_manager.cds"
 _STATS_FILTER = (r"^((listener_manager\.lds|cluster_manager\.cds|http\.grayagent_[a-z0-9_]+\.rds\.grayagent_[a-z0-9_]+)"
                  r"\.(version_text|update_attempt|update_rejected|update_failure)"
@@ -94,6 +99,7 @@ class EnvoyTarget:
         self.options = EnvoyOptions(envoy_dir=str(self.dir))
         # The agent starts and stops this; per-upstream request, 5xx and latency figures from the admin stats.
         self.traffic = EnvoyStatsPoller(settings.admin_url) if settings.traffic_stats else None
+        self._validator: PrewarmedValidator | None = None  # started on first use, then kept one step ahead
 
     def render(self, release: Release, version: int, digest: str) -> RenderedFiles:
         return render(release, version, digest, self.options)
@@ -177,17 +183,27 @@ class EnvoyTarget:
     # ------------------------------------------------------------------ steps
 
     def _validate(self, files: RenderedFiles) -> None:
+        if self._validator is None:
+            self._validator = PrewarmedValidator(self.settings.binary, VALIDATE_ARGS, self.settings.validate_timeout)
+        try:
+            code, output = self._validator.validate(validation_bootstrap(files))
+        except OSError as exc:
+            # The pre-started validator could not be used: validate the slow way rather than not at all.
+            log.warning("pre-started envoy validator unusable; validating cold", error=str(exc))
+            code, output = self._validate_cold(files)
+        if code != 0:
+            raise StepFailed(f"envoy --mode validate failed: {_first_line(output)}")
+
+    def _validate_cold(self, files: RenderedFiles) -> tuple[int, str]:
         candidate = self.dir / f".validate-{os.getpid()}.json"
         try:
             atomic_write(candidate, validation_bootstrap(files))
-            done = run_command([self.settings.binary, "--mode", "validate", "-c", str(candidate),
-                                "--disable-hot-restart", "--concurrency", "1", "-l", "error"],
+            done = run_command([self.settings.binary, "--mode", "validate", "-c", str(candidate), *VALIDATE_ARGS],
                                timeout=self.settings.validate_timeout)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 candidate.unlink()
-        if done.returncode != 0:
-            raise StepFailed(f"envoy --mode validate failed: {_first_line(done.stderr + done.stdout)}")
+        return done.returncode, done.stderr + done.stdout
 
     def _write_and_confirm(self, path: str, content: bytes, before: Stats | None) -> Stats:
         """Rename `content` into place and wait until its subscription has read and accepted it.
