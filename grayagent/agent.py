@@ -41,6 +41,7 @@ CACHE_DIR = "cache"
 CACHE_KEEP = 20
 PIN_FILE = "pinned.json"  # written by `grayagent local-revert`: the agent applies nothing from the store
 STATUS_FILE = "status.json"
+DRIFT_GRACE = 2.0  # seconds after an apply before the proxy's live version is compared with it
 
 
 @dataclass
@@ -275,9 +276,7 @@ class Agent:
         self.status.desired_version = record.version
         key = (record.version, record.meta.digest)
         applied = (self.status.applied_version, self.status.applied_digest)
-        # Drift: the proxy lost what was applied (nginx dynamic mode after a restart holds no data); one
-        # loopback GET per sync finds out, and the version is applied again before the agent reports healthy.
-        drifted = key == applied and self.status.last_error is None and self.target.live_version() != key
+        drifted = key == applied and self.status.last_error is None and self._drifted(key)
         if drifted:
             log.warning("proxy no longer serves the applied version; applying it again", version=record.version)
         if key == applied and self.status.last_error is None and not drifted:
@@ -289,6 +288,16 @@ class Agent:
             self._apply(record, source="store")
         self._publish_status()
         return self.status.healthy
+
+    def _drifted(self, key: tuple[int, str]) -> bool:
+        """The proxy lost what was applied (nginx dynamic mode after a restart holds no data): one loopback GET
+        per sync finds out, so the version is applied again before the agent reports healthy. Not right after
+        an apply (nginx's old workers still answer for a moment after a reload), and only when a second look
+        agrees, so a transient failure of the GET costs no reload."""
+        if self.clock() - self._last_apply < DRIFT_GRACE or self.target.live_version() == key:
+            return False
+        time.sleep(0.2)
+        return self.target.live_version() != key
 
     def _apply(self, record: VersionRecord, source: str) -> None:
         version, digest = record.version, record.meta.digest
