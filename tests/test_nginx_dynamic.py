@@ -209,6 +209,27 @@ def test_regexes_run_on_bytes_like_nginx_map(lua_nginx: NginxInstance, backends)
 
 
 @needs_lua
+def test_random_splits(lua_nginx: NginxInstance, backends) -> None:
+    """Without a key, or with whenKeyMissing: random and no key value: a uniform random bucket per request."""
+    ports = free_port(), free_port()
+    servers = {n: [f"127.0.0.1:{b.port}"] for n, b in backends.items()}
+    doc = document(
+        service("keyless", listen=f"127.0.0.1:{ports[0]}", servers=servers,
+                split={"weights": {"stable": 50, "canary": 50, "beta": 0}}),
+        service("keyed", listen=f"127.0.0.1:{ports[1]}", servers=servers,
+                split={"key": {"cookie": "uid"}, "whenKeyMissing": "random",
+                       "weights": {"stable": 30, "canary": 0, "beta": 70}}))
+    apply_doc(dynamic_target(lua_nginx), doc)
+    keyed = parse_document(dump(doc), "t").service("keyed")
+    keyless, with_key = Client(ports[0]), Client(ports[1])
+    assert {keyless.get("/")[1] for _ in range(200)} == {"stable", "canary"}
+    assert {with_key.get("/")[1] for _ in range(200)} == {"stable", "beta"}
+    for uid in ("a", "b", "c", "d", "e"):
+        want = route(keyed, Request.build(cookies={"uid": uid})).upstream
+        assert with_key.get("/", {"Cookie": f"uid={uid}"})[1] == want
+
+
+@needs_lua
 def test_push_endpoint_refuses_code_and_garbage(lua_nginx: NginxInstance, backends) -> None:
     """Data runs in an empty environment: a chunk that calls anything fails; a shape mismatch is refused."""
     port = free_port()
