@@ -16,6 +16,7 @@ and saving its record does not publish the same step twice.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import threading
@@ -214,6 +215,7 @@ class Controller:
     # ------------------------------------------------------------------ one rollout
 
     def step(self, service: str, rec: dict[str, Any], revision: int) -> None:
+        before = json.dumps(rec, sort_keys=True)  # write only what changed: etcd keeps every revision
         now = self.clock()
         current = _current(self.store)
         try:
@@ -234,7 +236,8 @@ class Controller:
                             f"analysis failed {rec['failures']} times (failureLimit {spec.failure_limit})", now)
         else:
             self._advance(service, rec, spec, current, now)
-        self.state.write_record(service, rec, revision)
+        if json.dumps(rec, sort_keys=True) != before:
+            self.state.write_record(service, rec, revision)
 
     def _analyse(self, service: str, rec: dict[str, Any], spec: Rollout, now: float) -> bool:
         """Run the analysis when its interval has passed; False once failures exceed the limit."""
