@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,7 @@ def run(target: str, changes: int, interval: float, work: Path, load: bool = Tru
                               "--state-dir", str(work / "state"), "--min-apply-interval", str(interval)],
                              stderr=open(work / "agent.log", "w"))  # noqa: SIM115
     latencies: list[float] = []
+    published_at: dict[int, float] = {}  # version -> wall time of its publish, for publish -> applied
     wrk: subprocess.Popen[str] | None = None
     try:
         wait_until(lambda: (live() or (0, ""))[0] == 1, 30, f"{target} to serve version 1")
@@ -111,6 +113,7 @@ def run(target: str, changes: int, interval: float, work: Path, load: bool = Tru
             expect = "canary" if i % 2 else "stable"
             current = store.current()
             started = time.perf_counter()
+            published_at[(current.version if current else 0) + 1] = time.time()
             store.publish(change(servers, port, i), current.version if current else 0, "bench", f"round {i}")
 
             def flipped(expect: str = expect) -> bool:
@@ -140,6 +143,11 @@ def run(target: str, changes: int, interval: float, work: Path, load: bool = Tru
     reloads = proxy.reloads() if isinstance(proxy, NginxInstance) else None
     applies = [json.loads(line) for line in (work / "state" / "audit.jsonl").read_text().splitlines()
                if '"apply"' in line]
+    # Publish -> the agent's audit entry (written after the proxy verified the version): the agent's share of
+    # publish -> served, without the probe's own request through the loaded proxy and backends.
+    applied_ms = [(datetime.strptime(a["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+                   - published_at[a["version"]]) * 1000
+                  for a in applies if a.get("result") == "ok" and a["version"] in published_at]
     return {"bench": "keepalive_churn", "target": target, "load": f"wrk -t{THREADS} -c{CONNECTIONS}" if load else None,
             "changes": len(latencies),
             "applies_ok": sum(1 for a in applies if a.get("result") == "ok"), "nginx_reloads": reloads,
@@ -149,6 +157,8 @@ def run(target: str, changes: int, interval: float, work: Path, load: bool = Tru
             "publish_to_served_p50_ms": round(statistics.median(latencies), 1),
             "publish_to_served_p99_ms": round(percentile(latencies, 99), 1),
             "publish_to_served_max_ms": round(max(latencies), 1), "min_apply_interval_s": interval,
+            "publish_to_applied_p50_ms": round(statistics.median(applied_ms), 1) if applied_ms else None,
+            "publish_to_applied_p99_ms": round(percentile(applied_ms, 99), 1) if applied_ms else None,
             "apply_steps_p50_ms": {step: round(statistics.median(a["steps_ms"][step] for a in applies
                                                                  if step in a.get("steps_ms", {})), 1)
                                    for step in applies[-1].get("steps_ms", {})}}
