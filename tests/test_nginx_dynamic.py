@@ -367,6 +367,16 @@ def test_failed_push_restores_last_good(tmp_path: Path, lua_nginx: NginxInstance
         wait_until(lambda: agent.status.failures >= 1, 15, "the failed apply")
         assert target.live_version() is not None and target.live_version()[0] == version - 1  # type: ignore[index]
         assert Client(port).get("/", {"X-User-Id": "u1"})[1] == "canary"
+        # The same refusal straight at the endpoint: a full dict leaves the data in use untouched.
+        release = parse_document(store.current().content, "big")  # type: ignore[union-attr]
+        files = target.render(release, version, store.current().meta.digest)  # type: ignore[union-attr]
+        with pytest.raises(urllib.error.HTTPError) as full:
+            urllib.request.urlopen(urllib.request.Request(f"http://{lua_nginx.verify_listen}{PUSH_PATH}",
+                                                          data=files[DATA_FILE], method="POST"), timeout=5)
+        assert full.value.code == 507
+        for _ in range(20):
+            assert target.live_version()[0] == version - 1  # type: ignore[index]
+            assert Client(port).get("/", {"X-User-Id": "u1"})[1] == "canary"
     failed = [e for e in _audit(state) if e["event"] == "apply" and e["result"] == "failed"]
     assert failed and failed[0]["restored"] and "shared dict" in failed[0]["error"], failed
 

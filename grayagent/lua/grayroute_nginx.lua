@@ -9,8 +9,8 @@
 -- The routing data is a Lua chunk made only of table constructors (the agent serialises it with
 -- envoy_render.lua_literal). It runs with an EMPTY environment, so it can only build data: no globals,
 -- no library, no I/O. Each worker parses it once per pushed generation, then routes from the parsed table.
--- Keys are per skeleton fingerprint, so workers of an old skeleton (draining after a reload) keep their
--- data while the agent pushes the new skeleton's data.
+-- Keys are per skeleton fingerprint (gen:<fp>, blob:<fp>:<gen>), so workers of an old skeleton (draining
+-- after a reload) keep their data while the agent pushes the new skeleton's data.
 
 local core = require("grayroute_core")
 local ngx = ngx
@@ -107,8 +107,11 @@ local function current(fp)
     return nil
   end
   if cached_fp == fp and cached_gen == gen then return cached end
-  local src = DICT:get("blob:" .. fp)
-  if src == nil then return nil end
+  local src = DICT:get("blob:" .. fp .. ":" .. gen)
+  if src == nil then
+    if cached_fp == fp then return cached end
+    return nil
+  end
   local data, err = load_data(src)
   if data == nil then
     ngx.log(ngx.ERR, "grayagent: stored routing data unusable, serving defaults: ", err)
@@ -189,22 +192,29 @@ function M.push(fp)
   local data, err = load_data(body)
   if data == nil then return answer(400, "refused: " .. err) end
   local key = data.fingerprint
-  -- safe_set: fail rather than evict another skeleton's data when the dict is full.
-  local ok, set_err = DICT:safe_set("blob:" .. key, body)
+  -- Each push is a new key (blob:<fp>:<generation>), then the generation moves: a failed store (a full
+  -- dict) never touches the data in use, and a safe_set fails rather than evicting other data.
+  local gen = (DICT:get("gen:" .. key) or 0) + 1
+  local ok, set_err = DICT:safe_set("blob:" .. key .. ":" .. gen, body)
   if not ok then return answer(507, "refused: shared dict: " .. tostring(set_err)) end
-  ok, set_err = DICT:safe_set("version:" .. key, string.format("%d %s", data.version, data.digest))
-  if not ok then return answer(507, "refused: shared dict: " .. tostring(set_err)) end
-  DICT:incr("gen:" .. key, 1, 0)
-  -- Forget data of skeletons that are neither this one nor the pushed one (old topologies).
+  DICT:set("gen:" .. key, gen)  -- a number: replaced in place
+  -- Keep the previous generation (a worker may be reading it right now); forget older ones, and the
+  -- data of skeletons that are neither this one nor the pushed one (old topologies).
   for _, k in ipairs(DICT:get_keys(0)) do
-    local kfp = k:match("^%a+:(.*)$")
-    if kfp ~= nil and kfp ~= key and kfp ~= fp then DICT:delete(k) end
+    local kfp, kgen = k:match("^blob:([^:]+):(%d+)$")
+    if kfp == nil then kfp = k:match("^gen:([^:]+)$") end
+    if kfp ~= nil and ((kfp ~= key and kfp ~= fp) or (kfp == key and kgen and tonumber(kgen) < gen - 1)) then
+      DICT:delete(k)
+    end
   end
   return answer(200, string.format("ok %d", data.version))
 end
 
 function M.version(fp)
-  return answer(200, "skeleton " .. fp .. "\ndata " .. (DICT:get("version:" .. fp) or "none"))
+  -- The version this worker routes with: the data it parsed (or parses now) for its skeleton.
+  local data = current(fp)
+  local held = data and string.format("%d %s", data.version, data.digest) or "none"
+  return answer(200, "skeleton " .. fp .. "\ndata " .. held)
 end
 
 return M
