@@ -100,6 +100,7 @@ def run(target: str, changes: int, interval: float, work: Path, load: bool = Tru
                              stderr=open(work / "agent.log", "w"))  # noqa: SIM115
     latencies: list[float] = []
     published_at: dict[int, float] = {}  # version -> wall time of its publish, for publish -> applied
+    publish_calls: list[float] = []  # the store's publish itself (directory store: flock, fsyncs, rename)
     wrk: subprocess.Popen[str] | None = None
     try:
         wait_until(lambda: (live() or (0, ""))[0] == 1, 30, f"{target} to serve version 1")
@@ -115,6 +116,7 @@ def run(target: str, changes: int, interval: float, work: Path, load: bool = Tru
             started = time.perf_counter()
             published_at[(current.version if current else 0) + 1] = time.time()
             store.publish(change(servers, port, i), current.version if current else 0, "bench", f"round {i}")
+            publish_calls.append((time.perf_counter() - started) * 1000)
 
             def flipped(expect: str = expect) -> bool:
                 fresh = Client(port)
@@ -157,6 +159,8 @@ def run(target: str, changes: int, interval: float, work: Path, load: bool = Tru
             "publish_to_served_p50_ms": round(statistics.median(latencies), 1),
             "publish_to_served_p99_ms": round(percentile(latencies, 99), 1),
             "publish_to_served_max_ms": round(max(latencies), 1), "min_apply_interval_s": interval,
+            "publish_call_p50_ms": round(statistics.median(publish_calls), 1),
+            "publish_call_p99_ms": round(percentile(publish_calls, 99), 1),
             "publish_to_applied_p50_ms": round(statistics.median(applied_ms), 1) if applied_ms else None,
             "publish_to_applied_p99_ms": round(percentile(applied_ms, 99), 1) if applied_ms else None,
             "apply_steps_p50_ms": {step: round(statistics.median(a["steps_ms"][step] for a in applies
