@@ -285,7 +285,8 @@ class Agent:
         elif key in self._refused or (key in self._retry_at and self._retry_at[key][0] > self.clock()):
             pass
         else:
-            self._apply(record, source="store")
+            # "drift": the proxy lost a version already applied; the audit tells a repair from a new version.
+            self._apply(record, source="drift" if drifted else "store")
         self._publish_status()
         return self.status.healthy
 
@@ -325,7 +326,7 @@ class Agent:
             self.status.applied_version, self.status.applied_digest = version, digest
             self.status.last_error = None
             self.status.healthy = True
-            if source == "store":
+            if source in ("store", "drift"):
                 self.status.serving_from_cache = False
                 save_cache(self.settings.state_dir, record)
             self.audit.append("apply", **base, result="ok", steps_ms=steps)

@@ -13,7 +13,7 @@ from pathlib import Path
 from grayagent.stores.file import FileStore
 from tests.agenthelp import Client, grayagent, nginx_target, wait_live
 from tests.docs import document, dump, service
-from tests.servers.proc import free_port
+from tests.servers.proc import free_port, wait_until
 
 
 def test_local_revert_from_cache_while_store_is_down(tmp_path: Path, nginx, backends) -> None:
@@ -48,10 +48,12 @@ def test_local_revert_from_cache_while_store_is_down(tmp_path: Path, nginx, back
         assert Client(port).get("/")[1] == "canary"
         # The store comes back still pointing at the bad version: the pinned agent leaves nginx alone.
         os.rename(tmp_path / "store-away", store_dir)
-        time.sleep(3)
+
+        def pinned() -> bool:
+            return json.loads((tmp_path / "state" / "status.json").read_text()).get("pinned") == 2
+        wait_until(pinned, 15, "the agent to report the pin")
+        time.sleep(2)  # the agent has now seen store version 3 and more than one sync: it must leave 2 alone
         assert nginx_target(nginx).live_version()[0] == 2
-        status = json.loads((tmp_path / "state" / "status.json").read_text())
-        assert status["pinned"] == 2
         assert grayagent("local-revert", "--unpin", "--config", str(config)).returncode == 0
         wait_live(nginx, 3)
     finally:
