@@ -32,7 +32,7 @@ from grayagent.model import parse_document
 from grayagent.observe import AgentMetrics
 from grayagent.rollout.traffic import TrafficCollector, TrafficSource
 from grayagent.stores.base import FleetStatus, Store, VersionMeta, VersionRecord, digest_of, utc_now
-from grayagent.targets.base import Target
+from grayagent.targets.base import ApplyResult, Target
 
 log = structlog.get_logger("grayagent.agent")
 
@@ -315,9 +315,18 @@ class Agent:
         except InvalidDocument as exc:
             self._refuse(key, base, "; ".join(str(p) for p in exc.problems[:5]))
             return
-        files = self.target.render(release, version, digest)
+        try:
+            files = self.target.render(release, version, digest)
+        except Exception as exc:  # a renderer bug: the same content would fail again, so refuse it for good
+            log.exception("render failed", version=version)
+            self._refuse(key, base, f"render failed: {type(exc).__name__}: {exc}")
+            return
         steps["render"] = round((time.perf_counter() - started) * 1000, 3)
-        result = self.target.apply(files, version, digest)
+        try:
+            result = self.target.apply(files, version, digest)
+        except Exception as exc:  # never let one apply take the agent down; retried with backoff below
+            log.exception("apply raised", version=version)
+            result = ApplyResult(ok=False, error=f"apply raised {type(exc).__name__}: {exc}")
         steps.update(result.steps_ms)
         self.status.applies += 1
         self.metrics.record_apply("ok" if result.ok else "failed", steps, result.reloaded)
