@@ -223,3 +223,23 @@ def test_audit_detects_edit_removal_reorder_and_truncation(tmp_path: Path, nginx
     check([original[0], original[2], original[1], *original[3:]], "does not follow the entry before it")
     check(original[:-1], "entries were cut off the end")
     assert grayagent("audit", "verify", "--state-dir", str(state)).returncode == 0
+
+
+def test_a_candidate_left_by_a_crash_is_never_restored(tmp_path: Path, nginx, backends) -> None:
+    """An agent killed between placing a candidate and checking it leaves an unchecked file; a later failed
+    apply must restore what nginx last verifiably served, not that file."""
+    from grayagent.stores.base import digest_of
+
+    port = free_port()
+    target = nginx_target(nginx)
+    good = dump(make_doc(backends, port, {"stable": 100, "canary": 0, "beta": 0}))
+    assert target.apply(target.render(parse_document(good, "good"), 1, digest_of(good)), 1, digest_of(good)).ok
+    verified = nginx.conf.read_bytes()
+    nginx.conf.write_text("upstream broken { server does-not-resolve.invalid:80; }\n")  # the crash's leftover
+    bad_doc = make_doc(backends, port, {"stable": 0, "canary": 100, "beta": 0})
+    bad_doc["spec"]["services"][0]["upstreams"]["canary"]["servers"] = ["also-unresolvable.invalid:80"]
+    bad = dump(bad_doc)
+    result = target.apply(target.render(parse_document(bad, "bad"), 2, digest_of(bad)), 2, digest_of(bad))
+    assert not result.ok and result.restored
+    assert nginx.conf.read_bytes() == verified
+    assert nginx.test_config().returncode == 0

@@ -89,11 +89,13 @@ class NginxTarget:
         result = ApplyResult(ok=False)
         conf = self.settings.conf
         candidate = files[conf.name]
+        previous = self._last_good()
         try:
-            previous: bytes | None = conf.read_bytes()
+            on_disk: bytes | None = conf.read_bytes()
         except FileNotFoundError:
-            previous = None
-        if previous == candidate and self.live_version() == (version, digest):
+            on_disk = None
+        if on_disk == candidate and self.live_version() == (version, digest):
+            self._remember_good(candidate)
             result.ok = True
             return result
         try:
@@ -112,8 +114,34 @@ class NginxTarget:
             result.error = str(exc)
             self._restore(previous, result)
             return result
+        self._remember_good(candidate)
         result.ok = True
         return result
+
+    @property
+    def _last_good_path(self) -> Path:
+        # Beside the conf, hidden and without .conf, so an `include conf.d/*.conf` never loads it.
+        return self.settings.conf.with_name(f".{self.settings.conf.name}.last-good")
+
+    def _last_good(self) -> bytes | None:
+        """The last file nginx verifiably served. Not simply what is on disk: an agent killed between
+        placing a candidate and checking it leaves an unchecked file there, which must never be restored."""
+        try:
+            return self._last_good_path.read_bytes()
+        except FileNotFoundError:
+            pass
+        try:  # first run with this agent: what is on disk is what nginx was started with
+            return self.settings.conf.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def _remember_good(self, content: bytes) -> None:
+        try:
+            if self._last_good_path.read_bytes() == content:
+                return
+        except FileNotFoundError:
+            pass
+        atomic_write(self._last_good_path, content)
 
     def _restore(self, previous: bytes | None, result: ApplyResult) -> None:
         """Put the last-good file back; reload again only if the failed attempt got as far as reloading."""
