@@ -116,8 +116,6 @@ def resolve_options(flags: Mapping[str, Any], config_path: str | None,
         raise UsageError("--nginx-conf is required with --target nginx")
     if options.nginx_mode not in ("reload", "dynamic"):
         raise UsageError(f"--nginx-mode {options.nginx_mode}: use reload or dynamic")
-    if options.nginx_mode == "dynamic" and options.nginx_access_log:
-        raise UsageError("--nginx-access-log is not supported with --nginx-mode dynamic yet")
     if options.target == "envoy" and not options.envoy_dir:
         raise UsageError("--envoy-dir is required with --target envoy")
     return options
@@ -136,7 +134,8 @@ def build_target(options: AgentOptions) -> Target:
 
         return NginxDynamicTarget(NginxDynamicSettings(
             conf=Path(options.nginx_conf).absolute(), main_conf=Path(options.nginx_main_conf),
-            binary=options.nginx_bin, control_listen=options.verify_listen, reuseport=options.nginx_reuseport))
+            binary=options.nginx_bin, control_listen=options.verify_listen, reuseport=options.nginx_reuseport,
+            access_log=Path(options.nginx_access_log) if options.nginx_access_log else None))
     from grayagent.targets.nginx import NginxSettings, NginxTarget
 
     return NginxTarget(NginxSettings(conf=Path(options.nginx_conf).absolute(), main_conf=Path(options.nginx_main_conf),

@@ -412,5 +412,32 @@ def test_nginx_mode_from_flag_env_and_config_file(tmp_path: Path) -> None:
         agentrun.resolve_options(base, str(config), {})
     with pytest.raises(UsageError, match="reload or dynamic"):
         agentrun.resolve_options({**base, "nginx_mode": "fast"}, None, {})
-    with pytest.raises(UsageError, match="access-log"):
-        agentrun.resolve_options({**base, "nginx_mode": "dynamic", "nginx_access_log": "/tmp/a.log"}, None, {})
+    logging = agentrun.resolve_options({**base, "nginx_mode": "dynamic", "nginx_access_log": "/tmp/a.log"}, None, {})
+    target = agentrun.build_target(logging)
+    assert isinstance(target, NginxDynamicTarget) and target.traffic is not None
+
+
+@needs_lua
+def test_access_log_feeds_per_upstream_figures(tmp_path: Path, lua_nginx: NginxInstance, backends) -> None:
+    """--nginx-access-log works in dynamic mode too: $proxy_host is the upstream Lua chose."""
+    port = free_port()
+    store = FileStore(str(tmp_path / "store"))
+    servers = {n: [f"127.0.0.1:{backends[n].port}"] for n in ("stable", "canary")}
+    _publish(store, document(service(listen=f"127.0.0.1:{port}", servers=servers,
+                                     split={"weights": {"stable": 50, "canary": 50}})))
+    target = dynamic_target(lua_nginx, access_log=tmp_path / "access.json")
+    assert "access_log " + str(tmp_path / "access.json") + " grayagent_json;" in target.render(
+        parse_document(store.current().content, "t"), 1, "d")["grayagent.conf"].decode()  # type: ignore[union-attr]
+    with running_agent_for(store, target, tmp_path / "state", status_interval=0.2) as agent:
+        wait_until(lambda: agent.health()[0], 15, "healthy")
+        client = Client(port)
+        answers = [client.get("/")[1] for _ in range(200)]
+
+        def counted() -> dict:
+            fleet = store.fleet()
+            return fleet[0].get("traffic", {}).get("upstreams", {}) if fleet else {}
+
+        wait_until(lambda: sum(u["requests"] for u in counted().values()) == 200, 10, "200 requests counted")
+        ups = counted()
+        assert ups["product/canary"]["requests"] == answers.count("canary") > 0
+        assert ups["product/stable"]["requests"] == answers.count("stable") > 0

@@ -29,6 +29,7 @@ from pathlib import Path
 from grayagent.errors import UsageError
 from grayagent.fsutil import atomic_write
 from grayagent.model import Release
+from grayagent.rollout.traffic import AccessLogTailer
 from grayagent.targets.base import ApplyResult, RenderedFiles, StepFailed, http_get, poll_until, run_command
 from grayagent.targets.nginx import PLACEHOLDER, _first_error
 from grayagent.targets.nginx_dynamic_render import (
@@ -54,6 +55,7 @@ class NginxDynamicSettings:
     verify_timeout: float = 5.0
     reuseport: bool = False
     dict_size: str = "32m"
+    access_log: Path | None = None              # JSON access log for rollout figures; None = off
 
 
 @dataclass(frozen=True)
@@ -80,10 +82,15 @@ class NginxDynamicTarget:
         lua_dir = str(settings.conf.parent / LUA_DIR)
         if not _PLAIN_PATH.fullmatch(lua_dir):
             raise UsageError(f"--nginx-conf {settings.conf}: dynamic mode needs a path of [A-Za-z0-9._/-]")
+        access_log = str(settings.access_log) if settings.access_log is not None else ""
+        if access_log and not _PLAIN_PATH.fullmatch(access_log):
+            raise UsageError(f"--nginx-access-log: {access_log}: use an absolute path of [A-Za-z0-9._/-]")
         self.settings = settings
         self.options = DynamicOptions(lua_dir=lua_dir, control_listen=settings.control_listen,
                                       conf_name=settings.conf.name, reuseport=settings.reuseport,
-                                      dict_size=settings.dict_size)
+                                      dict_size=settings.dict_size, access_log=access_log)
+        # The agent starts and stops this; it turns the access log into per-upstream counters.
+        self.traffic = AccessLogTailer(settings.access_log) if settings.access_log is not None else None
         self.dir = settings.conf.parent
 
     def render(self, release: Release, version: int, digest: str) -> RenderedFiles:

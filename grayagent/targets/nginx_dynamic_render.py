@@ -30,7 +30,13 @@ from typing import Any
 from grayagent.model import CidrCondition, Field, Release, Service, ValueCondition
 from grayagent.targets.envoy_render import _Inputs, _service_lua, lua_literal, lua_string
 from grayagent.targets.layout import upstream_id
-from grayagent.targets.nginx_render import PROXY_SETTINGS, _catch_all_servers, quote, upstream_blocks
+from grayagent.targets.nginx_render import (
+    ACCESS_LOG_FORMAT,
+    PROXY_SETTINGS,
+    _catch_all_servers,
+    quote,
+    upstream_blocks,
+)
 
 VERSION_PATH = "/grayagent/version"
 PUSH_PATH = "/grayagent/data"
@@ -52,6 +58,7 @@ class DynamicOptions:
     reuseport: bool = False
     dict_size: str = "32m"
     max_push_size: str = "64m"
+    access_log: str = ""  # per-request JSON lines for rollout figures, as in reload mode; "" = off
 
 
 @cache
@@ -65,7 +72,7 @@ def topology(release: Release, options: DynamicOptions) -> dict[str, Any]:
         "services": [[svc.name, str(svc.listen), list(svc.hosts),
                       [[up.name, list(up.servers)] for up in svc.upstreams]] for svc in release.services],
         "options": [options.lua_dir, options.control_listen, options.keepalive, options.reuseport,
-                    options.dict_size, options.max_push_size],
+                    options.dict_size, options.max_push_size, options.access_log],
         # New Lua code must reach every worker at once: a worker loads a module on its first request.
         "lua": [hashlib.sha256(lua_source(name)).hexdigest() for name in LUA_FILES],
     }
@@ -144,7 +151,8 @@ def _server(svc: Service, fp: str, options: DynamicOptions, first_on_listen: boo
     return ("server {\n"
             f"    listen {listen};\n"
             f"    server_name {names};\n"
-            "    location / {\n"
+            + (f"    access_log {options.access_log} grayagent_json;\n" if options.access_log else "")
+            + "    location / {\n"
             f"        set $ga_upstream {upstream_id(svc, svc.default)};\n"
             f"        access_by_lua_block {{ {_call('access', svc.name, fp)} }}\n"
             "        proxy_pass http://$ga_upstream;\n"
@@ -159,7 +167,7 @@ def render_skeleton(release: Release, options: DynamicOptions) -> str:
             f"# skeleton {fp}: topology only; rules, weights and switches are pushed into the shared dict.\n\n"
             f"lua_package_path {quote(options.lua_dir + '/?.lua;;')};\n"
             f"lua_shared_dict {DICT_NAME} {options.dict_size};\n")
-    body: list[str] = []
+    body: list[str] = [ACCESS_LOG_FORMAT] if options.access_log else []
     seen: set[str] = set()
     for svc in release.services:
         body.append(f"# ---- service {svc.name}\n")
