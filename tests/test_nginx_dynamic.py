@@ -343,11 +343,13 @@ def test_restart_serves_defaults_until_the_agent_pushes_again(tmp_path: Path, lu
         # nginx restarts under a running agent: it notices on its next sync and pushes again.
         lua_nginx.restart()
         wait_until(lambda: target.live_state() is not None, 10, "nginx back")
-        assert not agent.health()[0]
         agent.changed()
+        wait_until(lambda: any(e.get("source") == "drift" for e in _audit(state)), 15, "the drift repair")
         wait_until(lambda: agent.health()[0], 15, "healthy after re-push")
         assert Client(port).get("/", {"X-User-Id": "u1"})[1] == "canary"
         assert lua_nginx.reloads() == reloads, "re-pushing needs no reload"
+    repairs = [e for e in _audit(state) if e.get("source") == "drift"]
+    assert [(e["result"], "reload" in e["steps_ms"], "push" in e["steps_ms"]) for e in repairs] == [("ok", False, True)]
 
 
 @needs_lua
