@@ -335,6 +335,8 @@ class Agent:
             self.status.applied_version, self.status.applied_digest = version, digest
             self.status.last_error = None
             self.status.healthy = True
+            # /healthz reads the status directly; keep the gauges in step with it, not one sync behind.
+            self.metrics.record_state(version, self.status.desired_version, self.status.store_reachable, True)
             if source in ("store", "drift"):
                 self.status.serving_from_cache = False
                 save_cache(self.settings.state_dir, record)

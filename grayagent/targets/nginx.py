@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,10 +11,11 @@ from grayagent.errors import UsageError
 from grayagent.fsutil import atomic_write
 from grayagent.model import Release
 from grayagent.rollout.traffic import AccessLogTailer
-from grayagent.targets.base import ApplyResult, RenderedFiles, StepFailed, http_get, poll_until, run_command
+from grayagent.targets.base import ApplyResult, RenderedFiles, StepFailed, http_get, run_command
 from grayagent.targets.nginx_render import VERSION_PATH, NginxOptions, render
 
 PLACEHOLDER = b"# grayagent: no version applied yet\n"
+OLD_WORKERS_GRACE = 0.15  # > nginx's 100 ms between starting new workers and retiring the old ones
 
 
 @dataclass(frozen=True)
@@ -79,11 +81,24 @@ class NginxTarget:
             raise StepFailed(f"nginx -s reload failed: {_first_error(done.stderr + done.stdout)}")
 
     def _verify(self, version: int, digest: str) -> None:
-        if not poll_until(lambda: self.live_version() == (version, digest), self.settings.verify_timeout):
-            live = self.live_version()
-            shown = f"version {live[0]}" if live else "no version"
-            raise StepFailed(f"nginx still serves {shown} {self.settings.verify_timeout:.0f}s after reload "
-                             f"(see nginx's error_log for [emerg], e.g. a failed bind)")
+        """Live means the old config stopped answering, not just that a new worker did: nginx's master
+        sleeps 100 ms before retiring the old workers, which accept connections until then. So after the
+        first sighting, every answer for OLD_WORKERS_GRACE seconds must be the new version."""
+        expected = (version, digest)
+        deadline = time.monotonic() + self.settings.verify_timeout
+        stable_since: float | None = None
+        while time.monotonic() < deadline:
+            if self.live_version() == expected:
+                stable_since = stable_since if stable_since is not None else time.monotonic()
+                if time.monotonic() - stable_since >= OLD_WORKERS_GRACE:
+                    return
+            else:
+                stable_since = None
+            time.sleep(0.01)
+        live = self.live_version()
+        shown = f"version {live[0]}" if live else "no version"
+        raise StepFailed(f"nginx still serves {shown} {self.settings.verify_timeout:.0f}s after reload "
+                         f"(see nginx's error_log for [emerg], e.g. a failed bind)")
 
     def apply(self, files: RenderedFiles, version: int, digest: str) -> ApplyResult:
         result = ApplyResult(ok=False)
