@@ -98,7 +98,8 @@ def main() -> None:
         print(grayagent("audit", "verify", "--state-dir", str(WORK / "state")))
         print(f"\n$ curl -s 127.0.0.1:{STATUS}/healthz")
         print(Client(STATUS).get("/healthz")[1])
-        print(f"$ curl -s 127.0.0.1:{STATUS}/metrics | grep -E '^grayagent_(applied_version|apply_total|proxy_reloads)'")
+        wanted = "^grayagent_(applied_version|apply_total|proxy_reloads)"
+        print(f"$ curl -s 127.0.0.1:{STATUS}/metrics | grep -E '{wanted}'")
         metrics = Client(STATUS).get("/metrics")[1]
         print("\n".join(line for line in metrics.splitlines()
                         if line.startswith(("grayagent_applied_version", "grayagent_apply_total",
