@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import structlog
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
@@ -153,18 +153,21 @@ def _seconds(text: str) -> float | None:
     return total if seen else None
 
 
-class AccessLogTailer:
-    """Follows one access log file from its own thread and feeds `counters`."""
+class _BackgroundSource:
+    """A traffic source that fills `counters` from its own thread (`_run`, which returns once `_stop` is set)."""
 
-    def __init__(self, path: Path, counters: TrafficCounters | None = None, poll: float = 0.1) -> None:
-        self.path = path
-        self.counters = counters or TrafficCounters()
-        self.poll = poll
-        self._thread: threading.Thread | None = None
+    thread_name = "traffic-source"
+    counters: TrafficCounters
+
+    def __init__(self) -> None:
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def start(self) -> AccessLogTailer:
-        self._thread = threading.Thread(target=self._run, name="access-log-tail", daemon=True)
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
         self._thread.start()
         return self
 
@@ -175,6 +178,18 @@ class AccessLogTailer:
 
     def snapshot(self) -> dict[str, Any]:
         return self.counters.snapshot()
+
+
+class AccessLogTailer(_BackgroundSource):
+    """Follows one access log file from its own thread and feeds `counters`."""
+
+    thread_name = "access-log-tail"
+
+    def __init__(self, path: Path, counters: TrafficCounters | None = None, poll: float = 0.1) -> None:
+        super().__init__()
+        self.path = path
+        self.counters = counters or TrafficCounters()
+        self.poll = poll
 
     def _feed(self, data: bytes) -> None:
         for line in data.split(b"\n"):
@@ -271,16 +286,17 @@ def envoy_totals(body: Any) -> dict[tuple[str, str], UpstreamCounters]:
     return totals
 
 
-class EnvoyStatsPoller:
+class EnvoyStatsPoller(_BackgroundSource):
     """Reads per-cluster stats from Envoy's admin endpoint every `every` seconds, from its own thread."""
 
+    thread_name = "envoy-stats"
+
     def __init__(self, admin_url: str, every: float = 1.0) -> None:
+        super().__init__()
         self.url = (f"{admin_url.rstrip('/')}/stats?format=json&histogram_buckets=cumulative&filter="
                     + urllib.parse.quote(ENVOY_STATS_FILTER))
         self.every = every
         self.counters = TrafficCounters(tuple(b / 1000 for b in ENVOY_BUCKETS_MS))
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def poll_once(self) -> None:
         with urllib.request.urlopen(self.url, timeout=2) as response:  # noqa: S310 - the admin URL we were given
@@ -293,18 +309,6 @@ class EnvoyStatsPoller:
             except (OSError, ValueError) as exc:  # Envoy restarting: keep the last figures, try again
                 log.debug("envoy stats poll failed", error=str(exc))
 
-    def start(self) -> EnvoyStatsPoller:
-        self._thread = threading.Thread(target=self._run, name="envoy-stats", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def snapshot(self) -> dict[str, Any]:
-        return self.counters.snapshot()
 
 
 class TrafficSource(Protocol):
