@@ -275,12 +275,14 @@ def local_revert(version: int | None, config: str | None, state_dir: str | None,
 @_store_option()
 @click.option("--wait", "wait_seconds", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
               help="Block until every agent serves the current version, or the time runs out (exit 1).")
+@click.option("--min-agents", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Converged needs at least this many agents reporting (agents that never reported are unseen).")
 @OUTPUT
-def status(store_url: str | None, wait_seconds: float | None, output: str) -> None:
+def status(store_url: str | None, wait_seconds: float | None, min_agents: int, output: str) -> None:
     """Every agent's applied version and health, and whether the fleet has converged (exit 0) or not (1)."""
     store = _open(store_url)
-    report = (usecases.wait_for_convergence(store, wait_seconds) if wait_seconds is not None
-              else usecases.fleet_status(store))
+    report = (usecases.wait_for_convergence(store, wait_seconds, min_agents) if wait_seconds is not None
+              else usecases.fleet_status(store, min_agents))
     if output == "json":
         click.echo(json.dumps(report))
     else:

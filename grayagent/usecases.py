@@ -135,21 +135,25 @@ def audit_verify(state_dir: Path) -> list[str]:
     return audit.verify(state_dir)
 
 
-def fleet_status(store: Store) -> dict[str, Any]:
-    """Every live agent and whether all of them serve the current version, healthy."""
+def fleet_status(store: Store, min_agents: int = 1) -> dict[str, Any]:
+    """Every live agent, and whether at least `min_agents` report and all serve the current version, healthy.
+
+    An agent that has not reported yet is invisible; `min_agents` is how a pipeline says how many it expects.
+    """
     if not isinstance(store, FleetStatus):
         raise UsageError(f"--store: {store.url}: this store keeps no fleet status")
     current = store.current()
     agents = store.fleet()
     version = current.version if current else None
-    converged = bool(agents) and all(a.get("applied_version") == version and a.get("healthy") for a in agents)
-    return {"current_version": version, "converged": converged, "agents": agents}
+    converged = len(agents) >= max(1, min_agents) and all(
+        a.get("applied_version") == version and a.get("healthy") for a in agents)
+    return {"current_version": version, "converged": converged, "min_agents": min_agents, "agents": agents}
 
 
-def wait_for_convergence(store: Store, seconds: float, poll: float = 0.5) -> dict[str, Any]:
+def wait_for_convergence(store: Store, seconds: float, min_agents: int = 1, poll: float = 0.5) -> dict[str, Any]:
     deadline = time.monotonic() + seconds
     while True:
-        status = fleet_status(store)
+        status = fleet_status(store, min_agents)
         if status["converged"] or time.monotonic() >= deadline:
             return status
         time.sleep(min(poll, max(0.0, deadline - time.monotonic())))

@@ -256,13 +256,15 @@ def test_fleet_status_and_wait(tmp_path: Path, etcd1: EtcdCluster, backends) -> 
     publisher = EtcdStore(store_url)
     publish(publisher, doc_for(backends, port, 0))
     with fleet(2, store_url, tmp_path, min_apply_interval=0.05):
-        done = grayagent("status", "--store", store_url, "--wait", "20", "-o", "json")
+        done = grayagent("status", "--store", store_url, "--wait", "20", "--min-agents", "2", "-o", "json")
         assert done.returncode == 0, done.stdout
         report = json.loads(done.stdout)
         assert report["converged"] and report["current_version"] == 1
         assert sorted(a["host"] for a in report["agents"]) == ["gw0", "gw1"]
         publish(publisher, doc_for(backends, port, 50))
-        assert grayagent("status", "--store", store_url, "--wait", "20").returncode == 0
+        assert grayagent("status", "--store", store_url, "--wait", "20", "--min-agents", "2").returncode == 0
+        # Expecting more gateways than report is not convergence.
+        assert grayagent("status", "--store", store_url, "--wait", "1", "--min-agents", "3").returncode == 1
     # Agents that stopped revoke their lease: their entries go at once, and an empty fleet has not converged.
     wait_until(lambda: not publisher.fleet(), 10, "the stopped agents' entries to vanish")
     gone = grayagent("status", "--store", store_url, "--wait", "0")
