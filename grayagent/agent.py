@@ -144,10 +144,10 @@ def cached_versions(state_dir: Path) -> list[VersionRecord]:
 
 def read_pin(state_dir: Path) -> dict[str, Any] | None:
     try:
-        pin: dict[str, Any] = json.loads((state_dir / PIN_FILE).read_bytes())
-        return pin
-    except (FileNotFoundError, ValueError):
+        pin = json.loads((state_dir / PIN_FILE).read_bytes())
+    except (OSError, ValueError):
         return None
+    return pin if isinstance(pin, dict) else None
 
 
 def load_cache(state_dir: Path) -> VersionRecord | None:
@@ -275,6 +275,8 @@ class Agent:
         assert isinstance(record, VersionRecord)
         self.status.desired_version = record.version
         key = (record.version, record.meta.digest)
+        # Retries only ever matter for the version the store wants now; stale ones must not keep timers due.
+        self._retry_at = {k: v for k, v in self._retry_at.items() if k == key}
         applied = (self.status.applied_version, self.status.applied_digest)
         drifted = key == applied and self.status.last_error is None and self._drifted(key)
         if drifted:
@@ -331,7 +333,7 @@ class Agent:
         self.status.applies += 1
         self.metrics.record_apply("ok" if result.ok else "failed", steps, result.reloaded)
         if result.ok:
-            self._retry_at.pop(key, None)
+            self._retry_at.clear()  # older failures are moot once a newer version applied
             self.status.applied_version, self.status.applied_digest = version, digest
             self.status.last_error = None
             self.status.healthy = True
@@ -339,8 +341,11 @@ class Agent:
             self.metrics.record_state(version, self.status.desired_version, self.status.store_reachable, True)
             if source in ("store", "drift"):
                 self.status.serving_from_cache = False
-                save_cache(self.settings.state_dir, record)
-            self.audit.append("apply", **base, result="ok", steps_ms=steps)
+                try:
+                    save_cache(self.settings.state_dir, record)
+                except OSError as exc:  # the proxy already serves it; a full disk must not stop the agent
+                    log.error("could not cache the applied version", version=version, error=str(exc))
+            self._audit("apply", **base, result="ok", steps_ms=steps)
             log.info("applied", version=version, digest=digest[:19], source=source, steps_ms=steps)
             return
         self.status.failures += 1
@@ -349,7 +354,7 @@ class Agent:
         _, delay = self._retry_at.get(key, (0.0, self.settings.retry_initial / 2))
         delay = min(delay * 2, self.settings.retry_max)
         self._retry_at[key] = (self.clock() + delay, delay)
-        self.audit.append("apply", **base, result="failed", steps_ms=steps, error=result.error,
+        self._audit("apply", **base, result="failed", steps_ms=steps, error=result.error,
                           restored=result.restored, retry_in_s=delay)
         log.error("apply failed; last-good kept", version=version, error=result.error, restored=result.restored,
                   retry_in=delay)
@@ -359,8 +364,24 @@ class Agent:
         self.metrics.record_apply("refused", {}, reloaded=False)
         self.status.last_error = f"version {key[0]} refused: {error}"
         self.status.healthy = False
-        self.audit.append("refuse", **base, result="refused", error=error)
+        self._audit("refuse", **base, result="refused", error=error)
         log.error("version refused; last-good kept", version=key[0], error=error)
+
+    def _audit(self, event: str, **fields: Any) -> None:
+        """Audit, but never let a failing disk stop the agent: the proxy keeps serving either way."""
+        try:
+            self.audit.append(event, **fields)
+        except OSError as exc:
+            log.error("audit write failed", audit_event=event, error=str(exc))
+
+    def _guarded_sync(self, stop: threading.Event) -> None:
+        try:
+            self.sync()
+        except Exception as exc:  # a bug or an unforeseen OS error: report it, pause, keep serving
+            log.exception("sync failed; retrying shortly")
+            self.status.last_error = f"sync failed: {type(exc).__name__}: {exc}"
+            self.status.healthy = False
+            stop.wait(1.0)
 
     def is_ready(self) -> bool:
         """Serving something known: an applied version (from the store or the cache), or an empty store."""
@@ -398,8 +419,8 @@ class Agent:
             self.reporter.start()
         if self.traffic is not None:
             self.traffic.start()
-        self.audit.append("start", target=self.target.name, store=self.store.url, host=self.settings.host)
-        self.sync()
+        self._audit("start", target=self.target.name, store=self.store.url, host=self.settings.host)
+        self._guarded_sync(stop)
         if ready is not None and self.is_ready():
             ready()
             ready = None
@@ -415,11 +436,11 @@ class Agent:
                 # Inside a burst: wait out the interval, then let the burst's tail land.
                 stop.wait(hold + self.settings.settle)
             self._wake.clear()
-            self.sync()
+            self._guarded_sync(stop)
             if ready is not None and self.is_ready():
                 ready()
                 ready = None
-        self.audit.append("stop", target=self.target.name)
+        self._audit("stop", target=self.target.name)
         if self.reporter is not None:
             self.reporter.stop()
         if self.traffic is not None:

@@ -7,6 +7,7 @@ serving throughout); an invalid one is logged and audited, and the old one stays
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -26,7 +27,8 @@ import structlog
 
 from grayagent import sdnotify
 from grayagent.agent import Agent, AgentSettings
-from grayagent.errors import InvalidDocument, Problem, UsageError
+from grayagent.audit import AuditLog
+from grayagent.errors import GrayagentError, InvalidDocument, Problem, UsageError
 from grayagent.model import format_path, load_data
 from grayagent.observe import StatusServer
 from grayagent.stores import open_store, resolve_store_url
@@ -183,9 +185,23 @@ def serve(options: AgentOptions, reload_options: Callable[[], AgentOptions]) -> 
     signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
     notified_ready = False
 
+    running: AgentOptions | None = None  # the configuration that last started successfully
     while True:
-        agent = build_agent(options)
-        server = start_status_server(options.status_listen, agent)
+        try:
+            agent = build_agent(options)
+            server = start_status_server(options.status_listen, agent)
+        except (GrayagentError, OSError) as exc:
+            if running is None:
+                raise  # the first start: fail loudly, systemd shows the one-line error
+            # A reloaded configuration that validates but cannot start (an address in use, a refused URL):
+            # keep the one that was running, as an invalid file is kept.
+            reason = str(exc).replace("\n", "; ")
+            log.error("new configuration could not start; keeping the running one", error=reason)
+            with contextlib.suppress(OSError):
+                AuditLog(Path(str(running.state_dir))).append("config-refused", error=reason)
+            options, running = running, None
+            continue
+        running = options
         run_stop = threading.Event()
 
         def ready(a: Agent = agent) -> None:
@@ -215,7 +231,8 @@ def serve(options: AgentOptions, reload_options: Callable[[], AgentOptions]) -> 
             options = reload_options()
             log.info("configuration reloaded")
         except (InvalidDocument, UsageError) as exc:
-            agent.audit.append("config-refused", error=str(exc).replace("\n", "; "))
+            with contextlib.suppress(OSError):
+                agent.audit.append("config-refused", error=str(exc).replace("\n", "; "))
             log.error("configuration refused; keeping the running one", error=str(exc).replace("\n", "; "))
         sdnotify.notify("READY=1")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from grayagent.agent import Agent, AgentSettings
@@ -32,10 +33,10 @@ class BrokenTarget:
         return None
 
 
-def _agent(tmp_path: Path, target: BrokenTarget) -> tuple[Agent, FileStore]:
+def _agent(tmp_path: Path, target: BrokenTarget, retry_initial: float = 60) -> tuple[Agent, FileStore]:
     store = FileStore(str(tmp_path / "store"))
     store.publish(dump(document(service())), 0, "t", "")
-    return Agent(store, target, AgentSettings(state_dir=tmp_path / "state", retry_initial=60)), store
+    return Agent(store, target, AgentSettings(state_dir=tmp_path / "state", retry_initial=retry_initial)), store
 
 
 def test_a_renderer_exception_refuses_the_version_and_the_agent_lives(tmp_path: Path) -> None:
@@ -54,3 +55,35 @@ def test_an_apply_exception_is_a_failed_apply_retried_with_backoff(tmp_path: Pat
     assert agent.sync() is False
     assert target.applies == 1, "the retry waits for its backoff"
     assert "apply raised OSError" in (agent.status.last_error or "")
+
+
+class FlakyTarget(BrokenTarget):
+    """Fails the first apply, succeeds afterwards."""
+
+    def __init__(self) -> None:
+        super().__init__(fail_render=False)
+
+    def apply(self, files: RenderedFiles, version: int, digest: str) -> ApplyResult:
+        self.applies += 1
+        return ApplyResult(ok=self.applies > 1, error=None if self.applies > 1 else "nginx -t failed")
+
+
+def test_an_old_failure_does_not_keep_the_loop_busy(tmp_path: Path) -> None:
+    target = FlakyTarget()
+    agent, store = _agent(tmp_path, target, retry_initial=0.02)
+    assert agent.sync() is False  # version 1 fails; its retry falls due almost at once
+    time.sleep(0.05)
+    store.publish(dump(document(service(default="canary"))), 1, "t", "")
+    assert agent.sync() is True  # version 2 applies
+    assert agent._next_timer() > 1.0, "a stale retry entry must not make the loop spin"
+
+
+def test_a_full_disk_after_a_successful_apply_does_not_stop_the_agent(tmp_path: Path) -> None:
+    target = FlakyTarget()
+    target.applies = 1  # succeeds at once
+    agent, _ = _agent(tmp_path, target)
+    (tmp_path / "state" / "cache").write_text("not a directory")  # every cache write now fails
+    assert agent.sync() is True
+    assert agent.status.applied_version == 1
+    (tmp_path / "state" / "pinned.json").write_text("[]")  # valid JSON, not a pin
+    assert agent.sync() is True

@@ -149,3 +149,33 @@ def test_systemd_units_verify(tmp_path: Path, unit: str) -> None:
                           check=False)
     problems = [line for line in done.stderr.splitlines() if unit in line or "Unknown" in line]
     assert done.returncode == 0 and not problems, done.stderr
+
+
+def test_a_reloaded_config_that_cannot_start_keeps_the_running_one(tmp_path: Path, nginx, backends) -> None:
+    """Valid on paper, unusable in practice (its status port is taken): refused and audited, agent lives on."""
+    port, status_port = free_port(), free_port()
+    store = FileStore(str(tmp_path / "store"))
+    servers = {n: [f"127.0.0.1:{b.port}"] for n, b in backends.items()}
+    store.publish(dump(document(service(listen=f"127.0.0.1:{port}", servers=servers))), 0, "t", "")
+    config = tmp_path / "agent.yaml"
+    good = (f"store: {tmp_path / 'store'}\nstate_dir: {tmp_path / 'state'}\nnginx_conf: {nginx.conf}\n"
+            f"nginx_main_conf: {nginx.main_conf}\nnginx_bin: {nginx.binary}\nverify_listen: '{nginx.verify_listen}'\n"
+            f"status_listen: '127.0.0.1:{status_port}'\n")
+    config.write_text(good)
+    env = {k: v for k, v in os.environ.items() if k != "GRAYAGENT_STATUS_LISTEN"}
+    agent = subprocess.Popen([sys.executable, "-m", "grayagent.cli", "agent", "--config", str(config)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=(tmp_path / "agent.log").open("w"))
+    taken = socket.socket()
+    try:
+        wait_until(lambda: _get(f"http://127.0.0.1:{status_port}/healthz")[0] == 200, 15, "the agent")
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config.write_text(good.replace(str(status_port), str(taken.getsockname()[1])))
+        agent.send_signal(signal.SIGHUP)
+        wait_until(lambda: "config-refused" in (tmp_path / "state" / "audit.jsonl").read_text(), 15, "the refusal")
+        wait_until(lambda: _get(f"http://127.0.0.1:{status_port}/healthz")[0] == 200, 15, "the old config back")
+        assert agent.poll() is None
+    finally:
+        taken.close()
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(20) == 0
