@@ -250,7 +250,7 @@ def schema() -> dict[str, Any]:
 def _validator() -> jsonschema.protocols.Validator:
     cls = jsonschema.validators.validator_for(schema())
     cls.check_schema(schema())
-    validator: jsonschema.protocols.Validator = cls(schema())
+    validator: jsonschema.protocols.Validator = cls(_enforced_schema())
     return validator
 
 
@@ -302,13 +302,55 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
 
 
 @functools.cache
+def _enforced_schema() -> dict[str, Any]:
+    """The published schema with every pattern anchored by \\Z instead of $.
+
+    Both validators use Python's re, where $ also matches before a final newline: "host.example\\n" would
+    pass ^...$ and reach a config. \\Z is Python-only, so the published file (for editors, ECMA regex) keeps $.
+    """
+    def anchor(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: (v[:-1] + "\\Z" if k == "pattern" and isinstance(v, str) and v.endswith("$") else anchor(v))
+                    for k, v in node.items()}
+        if isinstance(node, list):
+            return [anchor(v) for v in node]
+        return node
+
+    enforced: dict[str, Any] = anchor(schema())
+    return enforced
+
+
+@functools.cache
 def _fast_check() -> Callable[[Any], Any]:
     """fastjsonschema compiles the schema to Python: about 20x faster than jsonschema on large documents."""
-    check: Callable[[Any], Any] = fastjsonschema.compile(schema())
+    check: Callable[[Any], Any] = fastjsonschema.compile(_enforced_schema())
     return check
 
 
+def _unencodable(data: Any, path: list[str | int]) -> Iterator[list[str | int]]:
+    """Paths of strings that are not valid Unicode (lone surrogates from \\ud800 escapes)."""
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError:
+            yield path
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            yield from _unencodable(key, [*path, "<key>"])
+            yield from _unencodable(value, [*path, str(key)])
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            yield from _unencodable(value, [*path, i])
+
+
 def _schema_problems(data: Any, source: str) -> list[Problem]:
+    try:  # one pass in C; the walk below runs only to name the offending paths
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return [Problem(source, format_path(p), "not valid Unicode (an unpaired surrogate)")
+                for p in _unencodable(data, [])]
+    except (TypeError, ValueError):
+        pass  # not JSON-shaped (YAML dates, sets...): the schema reports it
     try:
         _fast_check()(data)
         return []

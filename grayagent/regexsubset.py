@@ -76,16 +76,48 @@ def check_portable_regex(pattern: str) -> str | None:
     """None if the pattern is portable, else a one-line reason."""
     if not pattern.isascii() or any(not (0x20 <= ord(ch) < 0x7F) for ch in pattern):
         return "only printable ASCII is allowed in a regex; escape other bytes as \\xHH"
-    if "\\z" in pattern.replace("\\\\", ""):
-        return r"\z is not supported by Python re; use $"
+    lexical = _lexical_problem(pattern)
+    if lexical:
+        return lexical
     try:
         parsed = _p.parse(pattern.encode("ascii"), 0)
     except re.error as exc:
         return f"invalid regex: {exc}"
     flags = parsed.state.flags & ~re.DEBUG
-    if flags & ~(_ALLOWED_FLAGS | re.ASCII):
+    if flags & ~_ALLOWED_FLAGS:
         return "only the inline flags i, m and s are portable"
     return _walk(parsed)
+
+
+# Spellings the three engines parse differently, found by running them side by side: Python reads
+# [[:digit:]] as a set and a literal ']', PCRE2 < 10.43 and RE2 read x{,3} as literal text, and \v is
+# vertical whitespace in PCRE but only \x0b in Python and RE2.
+_LEXICAL = {
+    "\\z": "\\z is not supported by Python re; use $",
+    "\\v": "\\v means different things in PCRE and RE2; use \\x0b",
+    "[:": "POSIX classes like [[:digit:]] are read differently by Python re; use \\d or [0-9]",
+    "[.": "POSIX collating elements ([. .]) are not portable",
+    "[=": "POSIX equivalence classes ([= =]) are not portable",
+    "{,": "{,n} is literal text in PCRE and RE2 but a repeat in Python; write {0,n}",
+    "(?#": "(?#...) comments are not supported by RE2",
+}
+
+
+def _lexical_problem(pattern: str) -> str | None:
+    """Scan outside escapes (\\x is one token) for the spellings in _LEXICAL."""
+    i = 0
+    while i < len(pattern):
+        if pattern[i] == "\\":
+            token = pattern[i:i + 2]
+            if token in _LEXICAL:
+                return _LEXICAL[token]
+            i += 2
+            continue
+        for spelling, why in _LEXICAL.items():
+            if not spelling.startswith("\\") and pattern.startswith(spelling, i):
+                return why
+        i += 1
+    return None
 
 
 def compile_portable(pattern: str) -> re.Pattern[bytes]:

@@ -168,9 +168,13 @@ def _source_ip(request: Request) -> ipaddress.IPv4Address | ipaddress.IPv6Addres
     if not request.source_ip:
         return None
     try:
-        return ipaddress.ip_address(request.source_ip)
+        ip = ipaddress.ip_address(request.source_ip)
     except ValueError:
         return None
+    # nginx's geo and the Lua matcher treat an IPv4-mapped peer (::ffff:10.1.2.3) as the IPv4 address.
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from grayagent.errors import InvalidDocument
@@ -87,6 +89,23 @@ def test_hostile_values_are_refused_or_confined() -> None:
     ("(?=a)", False), ("(?!a)", False), (r"(a)\1", False), ("(?P<x>a)(?P=x)", False), ("a{1001}", False),
     ("(?x) a", False), ("é", False), ("a\nb", False), (r"a\Z", False), (r"a\z", False), ("(", False),
     ("(?>a)", False), ("a++", False),
+    # found by running the engines side by side: each of these is read differently by one of them
+    ("[[:digit:]]", False), ("x{,3}y", False), (r"a\vb", False), ("(?#note)a", False), ("(?a)x", False),
+    (r"\[:x", True), (r"\\v", True), ("x{0,3}y", True),
 ])
 def test_portable_regex_subset(pattern: str, ok: bool) -> None:
     assert (check_portable_regex(pattern) is None) == ok
+
+
+def test_a_trailing_newline_or_a_lone_surrogate_never_passes_a_pattern() -> None:
+    """Python's $ matches before a final newline; validation anchors patterns at the true end instead."""
+    for mutate in (lambda s: s.update(hosts=["product.example.com\n"]),
+                   lambda s: s["upstreams"]["stable"].update(servers=["10.0.0.1:8080\n"]),
+                   lambda s: s.update(split={"salt": "abc\n", "weights": {"stable": 100}}),
+                   lambda s: s.update(name="product\n")):
+        svc = service()
+        mutate(svc)
+        assert problems(document(svc)), svc
+    svc = service(rules=[{"name": "r", "match": {"headers": {"X-A": {"exact": "a\ud800"}}}, "to": "canary"}])
+    assert problems(json.dumps(document(svc)).encode()) == [
+        "doc.yaml: spec.services[0].rules[0].match.headers.X-A.exact: not valid Unicode (an unpaired surrogate)"]

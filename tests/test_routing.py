@@ -66,6 +66,7 @@ def test_empty_value_counts_as_absent() -> None:
 def test_source_cidrs() -> None:
     svc = _svc(rules=[{"name": "office", "match": {"sourceCIDRs": ["10.1.0.0/16", "2001:db8::/32"]}, "to": "canary"}])
     assert route(svc, Request.build(source_ip="10.1.200.3")).rule == "office"
+    assert route(svc, Request.build(source_ip="::ffff:10.1.2.3")).rule == "office"  # as nginx geo and Lua read it
     assert route(svc, Request.build(source_ip="2001:db8::1")).rule == "office"
     assert route(svc, Request.build(source_ip="10.2.0.1")).by == "default"
     assert route(svc, Request.build(source_ip="garbage")).by == "default"

@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import select
 import signal
 import subprocess
 import tempfile
@@ -71,7 +72,12 @@ class PrewarmedValidator:
             proc, fifo = self._ready
             self._ready = None
         try:
-            self._feed(proc, fifo, candidate)
+            try:
+                self._feed(proc, fifo, candidate)
+            except OSError:
+                proc.kill()  # never leave a validator behind that nobody will read or reap
+                proc.wait()
+                raise
             output, _ = proc.communicate(timeout=self.timeout)
             return proc.returncode, output.decode("utf-8", "replace")
         except subprocess.TimeoutExpired:
@@ -95,10 +101,15 @@ class PrewarmedValidator:
                     raise
                 time.sleep(0.001)
         try:
-            os.set_blocking(fd, True)
             view = memoryview(candidate)
             while view:
-                view = view[os.write(fd, view):]
+                # Non-blocking writes against the same deadline: a reader that stalls cannot hang the apply.
+                try:
+                    view = view[os.write(fd, view):]
+                except BlockingIOError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise OSError(errno.ETIMEDOUT, "envoy validator stopped reading its config") from None
+                    select.select([], [fd], [], 0.05)
         finally:
             os.close(fd)
 
