@@ -13,7 +13,7 @@ import fastjsonschema
 import jsonschema
 import pytest
 
-from grayagent.errors import InvalidDocument, StoreError, UsageError
+from grayagent.errors import Conflict, InvalidDocument, StoreError, UsageError
 from grayagent.model import Analysis, PrometheusQueries, parse_document, parse_duration, schema
 from grayagent.rollout import controller as rollout
 from grayagent.rollout.analysis import Measurement, judge, measurement_from_counters, quantile
@@ -175,14 +175,15 @@ def test_fleet_source_sums_hosts_and_survives_agent_restarts() -> None:
     fleet.entries = [{"host": "a", "traffic": traffic("b1", (130, 4))}, {"host": "b", "traffic": traffic("b2", (20, 0))}]
     measured, window2 = source.measure("product", ("canary", "stable"), window, spec)
     assert measured is not None and measured[0].requests == 40
-    assert window2 is window  # 40 < minRequests: the window keeps growing
+    assert window2["sample"] == window["sample"]  # 40 < minRequests: the window keeps growing
     # Host b restarted (new boot, counters from zero); host c is new.
     fleet.entries = [{"host": "a", "traffic": traffic("b1", (150, 6))}, {"host": "b", "traffic": traffic("b3", (5, 5))},
                      {"host": "c", "traffic": traffic("b4", (5, 0))}, {"host": "d"}]
     measured, window3 = source.measure("product", ("canary", "stable"), window2, spec)
     assert measured is not None
     canary = measured[0]
-    assert canary.requests == 50 + 5 + 5 and canary.error_rate == pytest.approx(10 / 60)
+    # b counts from zero (its boot changed); c was never seen, so its counters so far are its baseline.
+    assert canary.requests == 50 + 5 and canary.error_rate == pytest.approx(10 / 55)
     assert window3 != window2
 
 
@@ -263,6 +264,18 @@ class Scripted:
         return (self.canary, Measurement(100, 0.0, 10.0)), {}
 
 
+def crash_on_write(store: FileStore, nth: int) -> None:
+    """Make the store's `nth` record write (and every later one) fail as if the controller died there."""
+    real, calls = store.write_record, [0]
+
+    def write(*args: Any) -> int:
+        calls[0] += 1
+        if calls[0] >= nth:
+            raise RecordConflict("killed")
+        return real(*args)
+    store.write_record = write  # type: ignore[method-assign]
+
+
 def setup(tmp_path: Path, spec: dict[str, Any]) -> tuple[FileStore, Clock, Scripted, Controller]:
     store = FileStore(str(tmp_path / "store"))
     store.publish(doc(spec), 0, "test", "")
@@ -303,10 +316,9 @@ def test_controller_failure_limit_and_a_crash_between_publish_and_record(tmp_pat
             "analysis": {"interval": "10s", "maxErrorRate": 0.05}, "failureLimit": 1}
     store, clock, source, ctl = setup(tmp_path, spec)
     # Crash after publishing step 1 but before saving the record: the next tick must not publish it again.
-    real_write = store.write_record
-    store.write_record = lambda *a: (_ for _ in ()).throw(RecordConflict("crash"))  # type: ignore[method-assign]
+    crash_on_write(store, 2)
     ctl.tick()
-    store.write_record = real_write  # type: ignore[method-assign]
+    del store.write_record
     assert len(store.history()) == 2 and store.read_record("product")[0]["step"] == 0
     ctl.tick()
     assert len(store.history()) == 2 and store.read_record("product")[0]["step"] == 1
@@ -383,3 +395,272 @@ def test_promote_passes_the_next_gate_and_pause_holds_even_timed_steps(tmp_path:
     rec = store.read_record("product")[0]
     assert rec["phase"] == "succeeded" and rec["weight"] == 10000
     assert "canary canary at 100%" in rollout.format_status(rec, clock.now)
+
+
+# ---------------------------------------------------------------------------------------------- review fixes
+
+RAMP = {"canary": "canary", "steps": [{"weight": 10}, {"pause": "1m"}, {"weight": 50}, {"pause": "manual"}],
+        "analysis": {"interval": "10s", "maxErrorRate": 0.05}}
+
+
+def live_weight(store: FileStore) -> int:
+    current = store.current()
+    assert current is not None
+    return canary_weight(current.content, "c", "product", "canary")
+
+
+class Lead:
+    def __init__(self) -> None:
+        self.ok = True
+
+    def held(self) -> bool:
+        return self.ok
+
+    def release(self) -> None:
+        self.ok = False
+
+
+class Hooked(Scripted):
+    """Runs `hook` once inside the next measurement: something happens while a slow query is in flight."""
+
+    hook: Any = None
+
+    def measure(self, *args: Any) -> Any:
+        if self.hook is not None:
+            hook, self.hook = self.hook, None
+            hook()
+        return super().measure(*args)
+
+
+def hooked_setup(tmp_path: Path, spec: dict[str, Any]) -> tuple[FileStore, Clock, Hooked, Controller, Lead]:
+    store = FileStore(str(tmp_path / "store"))
+    store.publish(doc(spec), 0, "test", "")
+    clock, source, lead = Clock(), Hooked(), Lead()
+    ctl = Controller(store, interval=1, clock=clock, sources=lambda _: source)
+    ctl.leadership = lead
+    rollout.start(store, "product", clock)
+    ctl.tick()
+    clock.now += 61
+    ctl.tick()  # the 1 m pause is over: the next tick publishes 50 %
+    clock.now += 11
+    return store, clock, source, ctl, lead
+
+
+def test_a_deposed_controller_never_publishes_over_the_new_leaders_rollback(tmp_path: Path) -> None:
+    store, clock, source, a, _lead = hooked_setup(tmp_path, {**RAMP, "onFailure": "revert"})
+    b = Controller(store, interval=1, clock=clock, sources=lambda _: Scripted())
+
+    def new_leader_aborts() -> None:  # A still believes it leads; B took over and rolls back
+        rollout.request(store, "product", "abort", clock)
+        rec, revision = store.read_record("product")
+        b.step("product", rec, revision)
+    source.hook = new_leader_aborts
+    a.tick()
+    rec = store.read_record("product")[0]
+    assert rec["phase"] == "aborted" and rec["weight"] == 0 and live_weight(store) == 0
+    assert [m.message for m in store.history()][-1].startswith("rollout product: rolled back (abort requested)")
+    assert len(store.history()) == 3
+
+
+def test_leadership_lost_during_a_tick_stops_before_any_write(tmp_path: Path) -> None:
+    store, _clock, source, ctl, lead = hooked_setup(tmp_path, RAMP)
+    _, revision = store.read_record("product")
+    source.hook = lambda: setattr(lead, "ok", False)
+    ctl.tick()
+    assert len(store.history()) == 2 and live_weight(store) == 1000
+    assert store.read_record("product")[1] == revision  # no record write either
+
+
+def test_a_publish_conflict_abandons_the_tick_instead_of_reapplying(tmp_path: Path) -> None:
+    store, clock, source, ctl, _lead = hooked_setup(tmp_path, RAMP)
+
+    def person_publishes() -> None:
+        current = store.current()
+        assert current is not None
+        store.publish(set_canary_weight(current.content, "c", "product", "canary", "stable", 200),
+                      current.version, "person", "by hand")
+    source.hook = person_publishes
+    ctl.tick()
+    assert store.current().meta.author == "person" and live_weight(store) == 200  # type: ignore[union-attr]
+    assert store.read_record("product")[0]["step"] == 2  # the step is not recorded as done
+    clock.now += 1
+    ctl.tick()  # the next tick decides again from fresh state
+    assert live_weight(store) == 5000 and store.read_record("product")[0]["step"] == 3
+
+
+def test_publish_conflicts_record_nothing_as_done(tmp_path: Path) -> None:
+    store, _clock, _source, ctl = setup(tmp_path, RAMP)
+    store.publish = lambda *a: (_ for _ in ()).throw(Conflict(1, 2))  # type: ignore[method-assign]
+    for _ in range(3):
+        ctl.tick()
+    rec = store.read_record("product")[0]
+    assert rec["step"] == 0 and rec["weight"] == 0 and rec["versions"] == []
+    del store.publish
+    ctl.tick()
+    assert store.read_record("product")[0]["step"] == 1 and live_weight(store) == 1000
+
+
+@pytest.mark.parametrize("crash", ["before-publish", "after-publish"])
+def test_a_recorded_rollback_survives_a_crash_and_the_canary_never_ramps_again(tmp_path: Path, crash: str) -> None:
+    store, clock, source, a = setup(tmp_path, {**RAMP, "failureLimit": 0, "onFailure": "revert"})
+    a.tick()
+    clock.now += 30
+    source.canary = Measurement(100, 0.5, 10.0)  # broken
+    # The rolling-back record write succeeds, then the controller dies before or after publishing the rollback.
+    if crash == "before-publish":
+        store.publish = lambda *a: (_ for _ in ()).throw(RuntimeError("killed"))  # type: ignore[method-assign]
+    else:
+        crash_on_write(store, 2)
+    a.tick()
+    vars(store).pop("publish", None)
+    vars(store).pop("write_record", None)
+    assert store.read_record("product")[0]["phase"] == "rolling-back"
+    source.canary = Measurement(None, None, None)  # a restarted controller sees no data
+    b = Controller(store, interval=1, clock=clock, sources=lambda _: source)
+    for _ in range(3):
+        clock.now += 31
+        b.tick()
+    rec = store.read_record("product")[0]
+    assert rec["phase"] == "rolled-back" and live_weight(store) == 0 and rec["reason"].startswith("analysis failed")
+    assert [m.message.split(":")[1] for m in store.history()[1:]] == [" step 1/4 weight 10%", " rolled back (analysis "
+                                                                                            "failed 1 times (failureLimit 0))"]
+
+
+def test_a_cli_request_racing_the_rollback_does_not_lose_it(tmp_path: Path) -> None:
+    store, clock, source, ctl = setup(tmp_path, {**RAMP, "failureLimit": 0, "onFailure": "zero"})
+    ctl.tick()
+    clock.now += 30
+    source.canary = Measurement(100, 0.5, 10.0)
+    real_publish = store.publish
+
+    def publish_then_cli(*args: Any) -> Any:
+        meta = real_publish(*args)
+        rollout.request(store, "product", "pause", clock)  # lands between the publish and the final write
+        return meta
+    store.publish = publish_then_cli  # type: ignore[method-assign]
+    ctl.tick()
+    del store.publish
+    assert store.read_record("product")[0]["phase"] == "rolling-back"
+    source.canary = Measurement(100, 0.0, 10.0)
+    ctl.tick()
+    rec = store.read_record("product")[0]
+    assert rec["phase"] == "rolled-back" and live_weight(store) == 0 and len(store.history()) == 3
+
+
+def test_analyses_stay_bounded_while_the_source_fails(tmp_path: Path) -> None:
+    store = FileStore(str(tmp_path / "store"))
+    store.publish(doc(RAMP), 0, "t", "")
+
+    class Down:
+        def measure(self, *args: Any) -> Any:
+            raise StoreError("prometheus: connection refused")
+    clock = Clock()
+    ctl = Controller(store, interval=1, clock=clock, sources=lambda _: Down())
+    rollout.start(store, "product", clock)
+    for _ in range(60):
+        ctl.tick()
+        clock.now += 10
+    assert len(store.read_record("product")[0]["analyses"]) == rollout.KEEP_ANALYSES
+
+
+def test_one_broken_record_does_not_stop_the_other_rollouts(tmp_path: Path) -> None:
+    store, _clock, _source, ctl = setup(tmp_path, RAMP)
+    (tmp_path / "store" / "rollouts" / "aaa.json").write_text('{"revision": 1}')
+    ctl.tick()
+    assert live_weight(store) == 1000
+
+
+def test_an_unusable_revert_target_falls_back_to_zero(tmp_path: Path) -> None:
+    store, clock, _source, ctl = setup(tmp_path, {**RAMP, "onFailure": "revert"})
+    ctl.tick()
+    rec, revision = store.read_record("product")
+    rec["base_version"] = 99  # gone
+    store.write_record("product", rec, revision)
+    rollout.request(store, "product", "abort", clock)
+    ctl.tick()
+    rec = store.read_record("product")[0]
+    assert rec["phase"] == "aborted" and live_weight(store) == 0 and rec["weight"] == 0
+    assert "cannot revert to version 99" in rec["reason"] and "canary weight to 0 instead" in rec["reason"]
+
+
+def test_revert_sets_the_weight_to_the_base_versions(tmp_path: Path) -> None:
+    store = FileStore(str(tmp_path / "store"))
+    store.publish(doc({**RAMP, "onFailure": "revert"}, {"weights": {"stable": 97, "canary": 3}}), 0, "t", "")
+    clock = Clock()
+    ctl = Controller(store, interval=1, clock=clock, sources=lambda _: Scripted())
+    rollout.start(store, "product", clock)
+    ctl.tick()
+    assert live_weight(store) == 1000
+    rollout.request(store, "product", "abort", clock)
+    ctl.tick()
+    rec = store.read_record("product")[0]
+    assert rec["phase"] == "aborted" and rec["weight"] == 300 == live_weight(store)
+
+
+def test_start_leaves_the_clock_to_the_controller_and_a_clock_that_goes_back_is_harmless(tmp_path: Path) -> None:
+    store = FileStore(str(tmp_path / "store"))
+    store.publish(doc({**RAMP, "maxDuration": "1h"}), 0, "t", "")
+    rollout.start(store, "product", lambda: 5.0)  # a CLI host whose clock is far off
+    rec = store.read_record("product")[0]
+    assert rec["started_at"] is None and "not started" in rollout.format_status(rec, 10.0)
+    clock, source = Clock(), Scripted()
+    ctl = Controller(store, interval=1, clock=clock, sources=lambda _: source)
+    ctl.tick()
+    rec = store.read_record("product")[0]
+    assert rec["started_at"] == clock.now and rec["phase"] == "progressing" and rec["step"] == 1
+    clock.now -= 3600  # the controller's clock steps back an hour
+    ctl.tick()
+    rec = store.read_record("product")[0]
+    assert rec["phase"] == "progressing" and source.calls == 1  # the analysis was due, not skipped for an hour
+    assert "running 0s" in rollout.format_status(rec, clock.now)
+    clock.now += 60
+    ctl.tick()
+    assert store.read_record("product")[0]["step"] == 2  # the pause restarted at the jump, it did not hang
+
+
+def test_fleet_source_takes_a_host_missing_from_the_baseline_from_its_current_counters() -> None:
+    fleet, spec = FakeFleet(), Analysis(30, min_requests=100, max_error_rate=0.01)
+    source = FleetSource(fleet)
+    fleet.entries = [{"host": "gw1", "traffic": traffic("a", (1000, 0))}, {"host": "gw3", "traffic": traffic("c", (5, 0))}]
+    _, window = source.measure("product", ("canary", "stable"), None, spec)
+    # gw2's entry was missing from the baseline (a late report); it carries 50 old 5xx from hours ago.
+    # gw3 was missing from the next sample, then came back restarted.
+    fleet.entries = [{"host": "gw1", "traffic": traffic("a", (1300, 0))}, {"host": "gw2", "traffic": traffic("b", (5300, 50))}]
+    measured, window = source.measure("product", ("canary", "stable"), window, spec)
+    assert measured is not None and measured[0].requests == 300 and measured[0].error_rate == 0
+    fleet.entries = [{"host": "gw1", "traffic": traffic("a", (1400, 0))}, {"host": "gw2", "traffic": traffic("b", (5400, 50))},
+                     {"host": "gw3", "traffic": traffic("c2", (7, 7))}]
+    measured, _ = source.measure("product", ("canary", "stable"), window, spec)
+    assert measured is not None and measured[0].requests == 100 + 100 + 7 and measured[0].error_rate == pytest.approx(7 / 207)
+
+
+def test_prometheus_errors_do_not_show_the_urls_password() -> None:
+    with pytest.raises(StoreError) as info:
+        PrometheusSource(PrometheusQueries("http://bob:s3cret@127.0.0.1:1/", "x"), timeout=1).query("x")
+    assert "s3cret" not in str(info.value) and "bob" not in str(info.value) and "***@127.0.0.1:1" in str(info.value)
+
+
+def test_etcd_leadership_counts_its_term_from_before_the_keepalive(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from grayagent.stores import etcd
+
+    monkeypatch.setattr(etcd, "LEADER_LEASE_TTL", 0.5)
+    sent: list[float] = []
+
+    class SlowEtcd:
+        def _keepalive_once(self, lease: int) -> bool:
+            sent.append(time.monotonic())
+            time.sleep(0.05)  # the answer is slow: etcd renewed the lease when the request arrived
+            return True
+
+        def _revoke(self, lease: int) -> None:
+            pass
+    lead = etcd._LeaseLeadership(SlowEtcd(), 1, time.monotonic())  # type: ignore[arg-type]
+    try:
+        deadline = time.monotonic() + 2
+        while len(sent) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(sent) >= 2 and lead._last_ok <= sent[-1]
+    finally:
+        lead.release()

@@ -15,7 +15,6 @@ and saving its record does not publish the same step twice.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -93,7 +92,7 @@ def start(store: Store, service: str, clock: Clock = time.time) -> dict[str, Any
     now = clock()
     rec: dict[str, Any] = {
         "service": service, "phase": "progressing", "step": 0, "steps": [s.describe() for s in spec.steps],
-        "canary": spec.canary, "stable": spec.stable, "started_at": now, "step_started_at": now,
+        "canary": spec.canary, "stable": spec.stable, "started_at": None, "step_started_at": None,
         "base_version": current.version, "weight": canary_weight(current.content, "current", service, spec.canary),
         "failures": 0, "failure_limit": spec.failure_limit, "max_duration": spec.max_duration,
         "on_failure": spec.on_failure, "analyses": [], "versions": [], "window": None, "last_analysis_at": None,
@@ -204,47 +203,87 @@ class Controller:
     def tick(self) -> None:
         self.ticks += 1
         for name in self.state.record_names():
-            rec, revision = self.state.read_record(name)
-            if rec is None or rec.get("phase") in TERMINAL:
-                continue
-            if self.leadership is not None and not self.leadership.held():
+            if not self._leading():
                 return
-            with contextlib.suppress(RecordConflict):  # a CLI request landed meanwhile; the next tick sees it
+            try:  # one broken record or service must not hold up the others
+                rec, revision = self.state.read_record(name)
+                if rec is None or rec.get("phase") in TERMINAL:
+                    continue
                 self.step(name, rec, revision)
+            except (RecordConflict, Conflict, LeadershipLost) as exc:
+                # Someone else wrote the record or published meanwhile: nothing of this tick's decision was
+                # published; the next tick decides again from fresh state.
+                log.info("rollout tick abandoned", service=name, reason=str(exc))
+            except GrayagentError as exc:
+                log.warning("rollout tick failed", service=name, error=str(exc))
+            except Exception:
+                log.exception("rollout tick crashed", service=name)
+
+    def _leading(self) -> bool:
+        return self.leadership is None or self.leadership.held()
+
+    def _guard(self) -> None:
+        """Called immediately before every publish and record write."""
+        if not self._leading():
+            raise LeadershipLost("rollout leadership lost")
+
+    def _write(self, service: str, rec: dict[str, Any], revision: int) -> int:
+        self._guard()
+        return self.state.write_record(service, rec, revision)
 
     # ------------------------------------------------------------------ one rollout
 
     def step(self, service: str, rec: dict[str, Any], revision: int) -> None:
+        """Decide, record the decision (compare-and-set), and only then publish.
+
+        A controller that was deposed, or raced by a CLI request, fails at the record write and never
+        publishes. `current` is read before that write, so a version published after it by anyone makes
+        the publish fail with Conflict, and the tick is abandoned rather than applied on top.
+        """
         before = json.dumps(rec, sort_keys=True)  # write only what changed: etcd keeps every revision
         now = self.clock()
         current = _current(self.store)
+        if rec.get("phase") == "rolling-back":  # a rollback was decided: finish it before anything else
+            self._complete_rollback(service, rec, revision, current, now)
+            return
         try:
             spec = _spec(current, self.store, service)
         except (UsageError, InvalidDocument) as exc:
             rec["phase"], rec["reason"] = "aborted", f"stopped without rollback: {exc}"
             _event(rec, now, f"rollout {service}: {rec['reason']}")
-            self.state.write_record(service, rec, revision)
+            self._write(service, rec, revision)
             return
+        if rec.get("started_at") is None:  # `start` leaves the stamp to the controller's clock
+            rec["started_at"] = rec["step_started_at"] = now
         requests = rec.setdefault("requests", {})
+        publish: tuple[int, str] | None = None
         if requests.get("abort"):
-            self._roll_back(service, rec, spec, "aborted", "abort requested", now)
-        elif spec.max_duration is not None and now - rec["started_at"] > spec.max_duration:
-            self._roll_back(service, rec, spec, "rolled-back",
-                            f"maxDuration {spec.max_duration:g}s exceeded", now)
+            self._begin_rollback(service, rec, spec, "aborted", "abort requested", now)
+        elif spec.max_duration is not None and _elapsed(now, rec["started_at"]) > spec.max_duration:
+            self._begin_rollback(service, rec, spec, "rolled-back",
+                                 f"maxDuration {spec.max_duration:g}s exceeded", now)
         elif not self._analyse(service, rec, spec, now):
-            self._roll_back(service, rec, spec, "rolled-back",
-                            f"analysis failed {rec['failures']} times (failureLimit {spec.failure_limit})", now)
+            self._begin_rollback(service, rec, spec, "rolled-back",
+                                 f"analysis failed {rec['failures']} times (failureLimit {spec.failure_limit})", now)
         else:
-            self._advance(service, rec, spec, current, now)
+            publish = self._advance(service, rec, spec, current, now)
+        if rec["phase"] == "rolling-back":
+            revision = self._write(service, rec, revision)  # the decision first: a crash cannot lose it
+            self._complete_rollback(service, rec, revision, current, now)
+            return
+        if publish is not None:
+            revision = self._write(service, rec, revision)  # fence: a stale controller stops here
+            before = json.dumps(rec, sort_keys=True)
+            self._publish_step(service, rec, spec, current, publish, now)
         if json.dumps(rec, sort_keys=True) != before:
-            self.state.write_record(service, rec, revision)
+            self._write(service, rec, revision)
 
     def _analyse(self, service: str, rec: dict[str, Any], spec: Rollout, now: float) -> bool:
         """Run the analysis when its interval has passed; False once failures exceed the limit."""
         if spec.analysis is None or rec.get("weight", 0) <= 0:
             return True
         last = rec.get("last_analysis_at")
-        if last is not None and now - last < spec.analysis.interval:
+        if last is not None and 0 <= now - last < spec.analysis.interval:  # a clock that went back: due
             return True
         rec["last_analysis_at"] = now
         source = self.sources(spec)
@@ -254,6 +293,7 @@ class Controller:
         except GrayagentError as exc:
             measured = None
             rec.setdefault("analyses", []).append({"time": now, "result": "inconclusive", "reasons": [str(exc)]})
+            del rec["analyses"][:-KEEP_ANALYSES]
         if measured is None:
             return True
         canary, stable = measured
@@ -268,13 +308,15 @@ class Controller:
                              + "; ".join(verdict.reasons))
         return int(rec.get("failures", 0)) <= spec.failure_limit
 
-    def _advance(self, service: str, rec: dict[str, Any], spec: Rollout, current: VersionRecord, now: float) -> None:
+    def _advance(self, service: str, rec: dict[str, Any], spec: Rollout, current: VersionRecord,
+                 now: float) -> tuple[int, str] | None:
+        """Move through the steps; (weight, message) when a weight step needs a publish (after the record write)."""
         requests = rec["requests"]
         if requests.get("pause") and not requests.get("promote"):
             if rec["phase"] != "paused":
                 rec["phase"] = "paused"
                 _event(rec, now, f"rollout {service}: paused at step {rec['step'] + 1}/{len(spec.steps)}")
-            return
+            return None
         if rec["phase"] == "paused":
             rec["phase"] = "progressing"
             requests["pause"] = False
@@ -283,17 +325,29 @@ class Controller:
         index = int(rec["step"])
         if index >= len(spec.steps):
             self._finish(service, rec, now)
-            return
+            return None
         step: RolloutStep = spec.steps[index]
         label = f"rollout {service}: step {index + 1}/{len(spec.steps)}"
         if step.weight is not None:
             # A pending promote is kept for the next pause: it was meant for a gate, not for this step.
-            self._publish_weight(service, rec, spec, current, step.weight, f"{label} weight {_pct(step.weight)}")
+            if canary_weight(current.content, f"{self.store.url}#{current.version}", service,
+                             spec.canary) != step.weight:
+                return step.weight, f"{label} weight {_pct(step.weight)}"
+            rec["weight"] = step.weight  # already there (published before a crash, or by a person)
         elif requests.pop("promote", None):
             _event(rec, now, f"{label} ({step.describe()}) promoted")
-        elif step.manual or now - rec["step_started_at"] < (step.pause or 0.0):
-            return  # waiting: for `promote`, or for the pause to run out
-        rec["step"] = index + 1
+        elif step.manual:
+            return None  # waiting for `promote`
+        else:
+            if now < rec["step_started_at"]:  # the clock went back: the pause starts over from now
+                rec["step_started_at"] = now
+            if now - rec["step_started_at"] < (step.pause or 0.0):
+                return None  # waiting for the pause to run out
+        self._next_step(service, rec, spec, now)
+        return None
+
+    def _next_step(self, service: str, rec: dict[str, Any], spec: Rollout, now: float) -> None:
+        rec["step"] = int(rec["step"]) + 1
         rec["step_started_at"] = now
         if rec["step"] >= len(spec.steps):
             self._finish(service, rec, now)
@@ -312,55 +366,88 @@ class Controller:
         except OSError as exc:  # the store holds the truth; a full disk must not stop a rollback
             log.error("rollout audit append failed", error=str(exc))
 
-    def _publish_weight(self, service: str, rec: dict[str, Any], spec: Rollout, current: VersionRecord,
-                        weight: int, message: str) -> None:
-        for _ in range(10):
-            source = f"{self.store.url}#{current.version}"
-            if canary_weight(current.content, source, service, spec.canary) == weight:
-                break  # already there (published before a crash, or by a person): nothing to publish
-            content = set_canary_weight(current.content, source, service, spec.canary, spec.stable, weight)
-            try:
-                meta = self.store.publish(content, current.version, AUTHOR, message)
-            except Conflict:
-                current = _current(self.store)  # someone else published: re-apply the weight on top
-                continue
-            rec.setdefault("versions", []).append(meta.version)
-            _event(rec, self.clock(), f"{message}: version {meta.version}")
-            self._audit("rollout-step", service=service, step=rec["step"] + 1, weight=weight, version=meta.version,
-                        message=message)
-            break
+    def _publish_step(self, service: str, rec: dict[str, Any], spec: Rollout, current: VersionRecord,
+                      publish: tuple[int, str], now: float) -> None:
+        """Publish a weight step the record already committed to; a Conflict abandons the tick (not retried)."""
+        weight, message = publish
+        content = set_canary_weight(current.content, f"{self.store.url}#{current.version}", service, spec.canary,
+                                    spec.stable, weight)
+        self._guard()
+        meta = self.store.publish(content, current.version, AUTHOR, message)
+        rec.setdefault("versions", []).append(meta.version)
+        _event(rec, now, f"{message}: version {meta.version}")
+        self._audit("rollout-step", service=service, step=rec["step"] + 1, weight=weight, version=meta.version,
+                    message=message)
         rec["weight"] = weight
+        self._next_step(service, rec, spec, now)
 
-    def _roll_back(self, service: str, rec: dict[str, Any], spec: Rollout, phase: str, reason: str,
-                   now: float) -> None:
-        label = f"rollout {service}: rolled back ({reason})"
-        for _ in range(10):
-            current = _current(self.store)
-            if spec.on_failure == "revert":
+    def _begin_rollback(self, service: str, rec: dict[str, Any], spec: Rollout, phase: str, reason: str,
+                        now: float) -> None:
+        """Record the decision (phase rolling-back, its reason and target); _complete_rollback publishes it."""
+        on_failure = spec.on_failure
+        target: dict[str, Any] = {"phase": phase, "canary": spec.canary, "stable": spec.stable}
+        if on_failure == "revert":
+            try:
                 base = self.store.get(int(rec["base_version"]))
                 parse_document(base.content, f"{self.store.url}#{base.version}")
-                content, message = base.content, f"{label}: revert to version {base.version}"
-            else:
-                content = set_canary_weight(current.content, f"{self.store.url}#{current.version}", service,
-                                            spec.canary, spec.stable, 0)
-                message = f"{label}: canary weight 0%"
-            if content == current.content:
-                _event(rec, now, f"{label}: the current version already matches")
-                break
+                target["version"] = base.version
+            except (GrayagentError, KeyError, TypeError, ValueError) as exc:
+                on_failure = "zero"
+                reason += f"; cannot revert to version {rec.get('base_version')} ({_first_line(exc)}), " \
+                          "set the canary weight to 0 instead"
+        target["on_failure"] = on_failure
+        rec["phase"], rec["reason"], rec["rollback"] = "rolling-back", reason, target
+        _event(rec, now, f"rollout {service}: rolling back ({reason})")
+
+    def _complete_rollback(self, service: str, rec: dict[str, Any], revision: int, current: VersionRecord,
+                           now: float) -> None:
+        """Publish the recorded rollback unless the current version already is it, then mark it done.
+
+        Idempotent, so whichever controller sees "rolling-back" (after a crash or a lost leadership) finishes it.
+        """
+        target = rec.get("rollback") or {}
+        reason = rec.get("reason", "")
+        label = f"rollout {service}: rolled back ({reason})"
+        source = f"{self.store.url}#{current.version}"
+        canary, stable = str(target.get("canary", rec.get("canary"))), str(target.get("stable", rec.get("stable")))
+        if target.get("on_failure") == "revert":
+            base = self.store.get(int(target["version"]))
+            content, message = base.content, f"{label}: revert to version {base.version}"
+            done = content == current.content
             try:
-                meta = self.store.publish(content, current.version, AUTHOR, message)
-            except Conflict:
-                continue
+                weight = canary_weight(base.content, f"{self.store.url}#{base.version}", service, canary)
+            except (GrayagentError, KeyError):
+                weight = 0
+        else:
+            content = set_canary_weight(current.content, source, service, canary, stable, 0)
+            message, weight = f"{label}: canary weight 0%", 0
+            done = canary_weight(current.content, source, service, canary) == 0
+        if done:
+            _event(rec, now, f"{label}: the current version already matches")
+        else:
+            self._guard()
+            meta = self.store.publish(content, current.version, AUTHOR, message)  # Conflict: the next tick retries
             rec.setdefault("versions", []).append(meta.version)
             _event(rec, now, f"{message}: version {meta.version}")
-            self._audit("rollout-rollback", service=service, version=meta.version, on_failure=spec.on_failure,
-                        reason=reason, message=message)
-            break
-        rec["phase"] = phase
-        rec["reason"] = reason
+            self._audit("rollout-rollback", service=service, version=meta.version,
+                        on_failure=target.get("on_failure"), reason=reason, message=message)
+        rec["phase"] = target.get("phase", "rolled-back")
         rec["finished_at"] = now
-        rec["weight"] = 0 if spec.on_failure == "zero" else rec.get("weight", 0)
-        log.warning("rollout rolled back", service=service, reason=reason, on_failure=spec.on_failure)
+        rec["weight"] = weight
+        log.warning("rollout rolled back", service=service, reason=reason, on_failure=target.get("on_failure"))
+        self._write(service, rec, revision)
+
+
+class LeadershipLost(GrayagentError):
+    """This controller may no longer lead: it must neither publish nor write a record."""
+
+
+def _elapsed(now: float, since: float) -> float:
+    return max(0.0, now - since)  # a clock that went back never makes time negative
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 class _NoSource:
@@ -378,7 +465,8 @@ def format_status(rec: dict[str, Any], now: float) -> str:
     index = int(rec.get("step", 0))
     lines = [f"rollout {rec['service']}: {rec['phase']}  canary {rec.get('canary')} at {_pct(rec.get('weight', 0))}"
              f"  failures {rec.get('failures', 0)}/{rec.get('failure_limit', 0) + 1}"
-             f"  running {now - rec['started_at']:.0f}s"
+             + (f"  running {_elapsed(now, rec['started_at']):.0f}s" if rec.get("started_at") is not None
+                else "  not started by a controller yet")
              + (f" of max {rec['max_duration']:g}s" if rec.get("max_duration") else "")
              + f"  (from version {rec.get('base_version')})"]
     if rec.get("reason"):

@@ -3,7 +3,8 @@
 `FleetSource` (default): the cumulative per-upstream counters every agent puts in its fleet status entry,
 summed over the fleet. A window is the difference between two samples; the baseline sample is part of the
 rollout's persisted state, so a restarted controller keeps its window. An agent whose `boot` changed
-restarted, and its counters count from zero again.
+restarted, and its counters count from zero again; an agent missing from the baseline with an unchanged (or
+unknown) `boot` takes its current counters as its baseline.
 
 `PrometheusSource`: PromQL instant queries over the HTTP API (/api/v1/query); the queries do their own
 windowing ({{interval}} is substituted, e.g. rate(...[{{interval}}])).
@@ -74,17 +75,36 @@ class FleetSource:
     def measure(self, service: str, upstreams: tuple[str, str], window: dict[str, Any] | None,
                 spec: Analysis) -> tuple[tuple[Measurement, Measurement] | None, dict[str, Any]]:
         sample = _fleet_sample(self.fleet, service, upstreams)
-        if window is None or "sample" not in window:
-            return None, {"sample": sample}
+        window = window or {}
+        # Every host's last known boot id, also for hosts that were missing when the baseline was taken.
+        known: dict[str, Any] = dict(window.get("boots") or {h: e.get("boot") for h, e in
+                                                           window.get("sample", {}).items()})
+        boots = {**known, **{h: e.get("boot") for h, e in sample.items()}}
+        if "sample" not in window:
+            return None, {"sample": sample, "boots": boots}
+        base = dict(window["sample"])
+        for host, entry in sample.items():
+            # A host missing from the baseline: unless its boot changed (it restarted, so all its counts are
+            # new), its counters so far belong to no window, so they become its baseline.
+            if host not in base and (host not in known or known[host] == entry.get("boot")):
+                base[host] = entry
         out = []
         for up in upstreams:
-            requests, errors, bounds, buckets = _delta(sample, window["sample"], up)
+            requests, errors, bounds, buckets = _delta(sample, base, up)
             out.append(measurement_from_counters(requests, errors, bounds, buckets) if bounds
                        else Measurement(requests, None, None))
         canary, stable = out
         # Too few requests: keep the baseline so the window grows until it can be judged.
         keep = canary.requests is not None and canary.requests < max(spec.min_requests, 1)
-        return (canary, stable), window if keep else {"sample": sample}
+        return (canary, stable), {"sample": base if keep else sample, "boots": boots}
+
+
+def redact_url(url: str) -> str:
+    """The URL without its user and password, for messages."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
 
 
 class PrometheusSource:
@@ -99,7 +119,7 @@ class PrometheusSource:
             with urllib.request.urlopen(url, timeout=self.timeout) as response:  # noqa: S310 - configured URL
                 body = json.loads(response.read())
         except (OSError, ValueError) as exc:
-            raise StoreError(f"prometheus {self.queries.url}: {exc}") from None
+            raise StoreError(f"prometheus {redact_url(self.queries.url)}: {exc}") from None
         return parse_query_result(body)
 
     def measure(self, service: str, upstreams: tuple[str, str], window: dict[str, Any] | None,

@@ -570,6 +570,7 @@ class EtcdStore:
 
     def acquire_leadership(self, holder: str) -> Leadership | None:
         """Create rollouts/.leader under a fresh lease only if absent (one txn); keep the lease alive."""
+        sent = time.monotonic()  # the lease's TTL runs from (at the latest) when etcd got the grant request
         grant = self._call(lambda ch, md: pbg.LeaseStub(ch).LeaseGrant(
             pb.LeaseGrantRequest(TTL=LEADER_LEASE_TTL), timeout=self.config.timeout, metadata=md), "lease grant")
         lease = int(grant.ID)
@@ -582,7 +583,7 @@ class EtcdStore:
         if not response.succeeded:
             self._revoke(lease)
             return None
-        return _LeaseLeadership(self, lease)
+        return _LeaseLeadership(self, lease, sent)
 
     def _revoke(self, lease: int) -> None:
         with contextlib.suppress(StoreError):  # the lease expires by itself anyway
@@ -617,10 +618,12 @@ class _LeaseLeadership:
     """Leads while the lease is kept alive. It counts itself deposed after half the TTL without a successful
     keepalive, well before etcd could expire the lease and let another controller in."""
 
-    def __init__(self, store: EtcdStore, lease: int) -> None:
+    def __init__(self, store: EtcdStore, lease: int, granted: float) -> None:
         self.store = store
         self.lease = lease
-        self._last_ok = time.monotonic()
+        # Monotonic time taken BEFORE each request that renewed the lease: etcd restarted the TTL no earlier
+        # than that, so counting from it can only err on the safe side (a slow answer shortens our term).
+        self._last_ok = granted
         self._lost = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="etcd-leader-lease", daemon=True)
@@ -628,8 +631,9 @@ class _LeaseLeadership:
 
     def _run(self) -> None:
         while not self._stop.wait(LEADER_LEASE_TTL / 5):
+            sent = time.monotonic()
             if self.store._keepalive_once(self.lease):
-                self._last_ok = time.monotonic()
+                self._last_ok = sent
             elif self._lost or time.monotonic() - self._last_ok > LEADER_LEASE_TTL / 2:
                 self._lost = True  # never lead again on this lease: its key may already belong to another
                 return
