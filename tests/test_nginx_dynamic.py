@@ -24,7 +24,7 @@ from grayagent.model import Release, parse_document
 from grayagent.routing import Request, route
 from grayagent.stores.base import digest_of
 from grayagent.stores.file import FileStore
-from grayagent.targets.nginx_dynamic import NginxDynamicSettings, NginxDynamicTarget
+from grayagent.targets.nginx_dynamic import TOKEN_FILE, NginxDynamicSettings, NginxDynamicTarget
 from grayagent.targets.nginx_dynamic_render import (
     DATA_FILE,
     PUSH_PATH,
@@ -237,10 +237,22 @@ def test_push_endpoint_refuses_code_and_garbage(lua_nginx: NginxInstance, backen
     target = dynamic_target(lua_nginx)
     apply_doc(target, document(service(listen=f"127.0.0.1:{port}", servers=servers)))
     url = f"http://{lua_nginx.verify_listen}{PUSH_PATH}"
-    for body in (b'os.execute("touch /tmp/pwned") return {}', b"return {version = 1}", b"not lua at all",
+    good = target.render(parse_document(dump(document(service(listen=f"127.0.0.1:{port}", servers=servers))),
+                                        "d"), 9, "sha256:" + "0" * 64)[DATA_FILE]
+    # Without this host's token nobody may push, not even valid data (any local process, an SSRF...).
+    for token in (None, "0" * 64):
+        headers = {"X-Grayagent-Token": token} if token else {}
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(url, data=good, method="POST", headers=headers), timeout=5)
+        assert refused.value.code == 403
+    assert oct((lua_nginx.conf.parent / TOKEN_FILE).stat().st_mode & 0o777) == "0o600"
+    # With it, data still runs in an empty environment, bytecode is refused, and the shape is checked.
+    bytecode = b"\x1bLJ\x02" + b"\x00" * 16
+    for body in (b'os.execute("touch /tmp/pwned") return {}', b"return {version = 1}", b"not lua at all", bytecode,
                  b'return {version = 2, digest = "d", fingerprint = "f", services = {x = {upstreams = {}}}}'):
         with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST"), timeout=5)
+            urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST",
+                                                          headers={"X-Grayagent-Token": target.token}), timeout=5)
         assert refused.value.code == 400, body
     assert target.live_version() is not None and target.live_version()[0] == 1  # type: ignore[index]
     assert Client(port).get("/")[0] == 200
@@ -374,7 +386,8 @@ def test_failed_push_restores_last_good(tmp_path: Path, lua_nginx: NginxInstance
         files = target.render(release, version, store.current().meta.digest)  # type: ignore[union-attr]
         with pytest.raises(urllib.error.HTTPError) as full:
             urllib.request.urlopen(urllib.request.Request(f"http://{lua_nginx.verify_listen}{PUSH_PATH}",
-                                                          data=files[DATA_FILE], method="POST"), timeout=5)
+                                                          data=files[DATA_FILE], method="POST",
+                                                          headers={"X-Grayagent-Token": target.token}), timeout=5)
         assert full.value.code == 507
         for _ in range(20):
             assert target.live_version()[0] == version - 1  # type: ignore[index]

@@ -78,6 +78,8 @@ end
 
 -- Parse pushed data in an empty environment and check its shape. Returns the table, or nil and why.
 local function load_data(src)
+  -- Text only: LuaJIT bytecode is not verified, and crafted bytecode escapes any sandbox.
+  if src:byte(1) == 27 then return nil, "bytecode refused" end
   local chunk, err = loadstring(src, "=grayagent-routes")
   if chunk == nil then return nil, "not Lua: " .. tostring(err) end
   setfenv(chunk, {})
@@ -177,8 +179,11 @@ local function answer(status, text)
   return ngx.exit(ngx.HTTP_OK)  -- the status is already set; this only ends the request
 end
 
-function M.push(fp)
+function M.push(fp, token)
   if ngx.req.get_method() ~= "POST" then return answer(405, "POST the routing data") end
+  if token ~= nil and ngx.req.get_headers()["x-grayagent-token"] ~= token then
+    return answer(403, "refused: missing or wrong X-Grayagent-Token")
+  end
   ngx.req.read_body()
   local body = ngx.req.get_body_data()
   if body == nil then

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import secrets
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -44,6 +45,22 @@ from grayagent.targets.nginx_dynamic_render import (
 
 LUA_MODE = 0o644  # nginx workers (not root) read the modules; they hold code, no secrets
 _PLAIN_PATH = re.compile(r"/[A-Za-z0-9._/-]{1,1000}")  # nginx expands $ in lua_package_path
+
+
+TOKEN_FILE = ".grayagent-control-token"  # noqa: S105 - the file's name; the token is generated
+
+
+def _control_token(path: Path) -> str:
+    """This host's push secret: made once, readable by root only, kept across agent restarts."""
+    try:
+        token = path.read_text("ascii").strip()
+        if re.fullmatch(r"[0-9a-f]{64}", token):
+            return token
+    except FileNotFoundError:
+        pass
+    token = secrets.token_hex(32)
+    atomic_write(path, token.encode() + b"\n", mode=0o600)
+    return token
 
 
 @dataclass(frozen=True)
@@ -86,9 +103,11 @@ class NginxDynamicTarget:
         if access_log and not _PLAIN_PATH.fullmatch(access_log):
             raise UsageError(f"--nginx-access-log: {access_log}: use an absolute path of [A-Za-z0-9._/-]")
         self.settings = settings
+        self.token = _control_token(settings.conf.parent / TOKEN_FILE)
         self.options = DynamicOptions(lua_dir=lua_dir, control_listen=settings.control_listen,
                                       conf_name=settings.conf.name, reuseport=settings.reuseport,
-                                      dict_size=settings.dict_size, access_log=access_log)
+                                      dict_size=settings.dict_size, access_log=access_log,
+                                      control_token=self.token)
         # The agent starts and stops this; it turns the access log into per-upstream counters.
         self.traffic = AccessLogTailer(settings.access_log) if settings.access_log is not None else None
         self.dir = settings.conf.parent
@@ -120,7 +139,8 @@ class NginxDynamicTarget:
 
     def _push(self, data: bytes) -> None:
         request = urllib.request.Request(self._url(PUSH_PATH), data=data, method="POST",  # noqa: S310 - loopback
-                                         headers={"Connection": "close", "Content-Type": "text/plain"})
+                                         headers={"Connection": "close", "Content-Type": "text/plain",
+                                                  "X-Grayagent-Token": self.token})
         try:
             with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
                 response.read()

@@ -59,6 +59,9 @@ class DynamicOptions:
     dict_size: str = "32m"
     max_push_size: str = "64m"
     access_log: str = ""  # per-request JSON lines for rollout figures, as in reload mode; "" = off
+    # A secret every push must carry (X-Grayagent-Token): loopback alone would let any local process, or an
+    # SSRF in an upstream app on this host, reroute traffic and fake the version the agent verifies.
+    control_token: str = ""
 
 
 @cache
@@ -72,7 +75,8 @@ def topology(release: Release, options: DynamicOptions) -> dict[str, Any]:
         "services": [[svc.name, str(svc.listen), list(svc.hosts),
                       [[up.name, list(up.servers)] for up in svc.upstreams]] for svc in release.services],
         "options": [options.lua_dir, options.control_listen, options.keepalive, options.reuseport,
-                    options.dict_size, options.max_push_size, options.access_log],
+                    options.dict_size, options.max_push_size, options.access_log,
+                    hashlib.sha256(options.control_token.encode()).hexdigest() if options.control_token else ""],
         # New Lua code must reach every worker at once: a worker loads a module on its first request.
         "lua": [hashlib.sha256(lua_source(name)).hexdigest() for name in LUA_FILES],
     }
@@ -175,6 +179,7 @@ def render_skeleton(release: Release, options: DynamicOptions) -> str:
         body.append(_server(svc, fp, options, str(svc.listen) not in seen))
         seen.add(str(svc.listen))
     body.extend(_catch_all_servers(release))
+    push_call = _call("push", fp, *([options.control_token] if options.control_token else []))
     body.append(
         "# The agent's control server: loopback only. GET version; POST routing data.\n"
         "server {\n"
@@ -187,7 +192,7 @@ def render_skeleton(release: Release, options: DynamicOptions) -> str:
         f"    location = {PUSH_PATH} {{\n"
         f"        client_max_body_size {options.max_push_size};\n"
         f"        client_body_buffer_size {options.max_push_size};\n"
-        f"        content_by_lua_block {{ {_call('push', fp)} }}\n"
+        f"        content_by_lua_block {{ {push_call} }}\n"
         "    }\n"
         "    location / {\n        return 404;\n    }\n"
         "}\n")
