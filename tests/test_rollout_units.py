@@ -664,3 +664,36 @@ def test_etcd_leadership_counts_its_term_from_before_the_keepalive(monkeypatch: 
         assert len(sent) >= 2 and lead._last_ok <= sent[-1]
     finally:
         lead.release()
+
+
+def test_completing_a_rollback_from_a_stale_record_publishes_nothing(tmp_path: Path) -> None:
+    store, clock, source, a = setup(tmp_path, {**RAMP, "failureLimit": 0, "onFailure": "zero"})
+    a.tick()
+    clock.now += 30
+    source.canary = Measurement(100, 0.5, 10.0)
+    store.publish = lambda *a: (_ for _ in ()).throw(RuntimeError("killed"))  # type: ignore[method-assign]
+    a.tick()  # rolling-back is recorded, then the controller dies before publishing
+    del store.publish
+    stale, revision = store.read_record("product")
+    assert stale["phase"] == "rolling-back"
+    rollout.request(store, "product", "pause", clock)  # the record moves on after the stale read
+    with pytest.raises(RecordConflict):
+        a.step("product", stale, revision)
+    assert len(store.history()) == 2 and live_weight(store) == 1000
+    a.tick()  # from the fresh record it completes
+    assert store.read_record("product")[0]["phase"] == "rolled-back" and live_weight(store) == 0
+
+
+def test_a_rollback_whose_target_vanished_falls_back_to_zero(tmp_path: Path) -> None:
+    store, clock, _source, ctl = setup(tmp_path, {**RAMP, "onFailure": "revert"})
+    ctl.tick()
+    store.publish = lambda *a: (_ for _ in ()).throw(RuntimeError("killed"))  # type: ignore[method-assign]
+    rollout.request(store, "product", "abort", clock)
+    ctl.tick()
+    del store.publish
+    rec, revision = store.read_record("product")
+    rec["rollback"]["version"] = 99
+    store.write_record("product", rec, revision)
+    ctl.tick()
+    rec = store.read_record("product")[0]
+    assert rec["phase"] == "aborted" and live_weight(store) == 0 and "cannot revert to version 99" in rec["reason"]

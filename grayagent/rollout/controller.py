@@ -269,7 +269,7 @@ class Controller:
             publish = self._advance(service, rec, spec, current, now)
         if rec["phase"] == "rolling-back":
             revision = self._write(service, rec, revision)  # the decision first: a crash cannot lose it
-            self._complete_rollback(service, rec, revision, current, now)
+            self._complete_rollback(service, rec, revision, current, now, fenced=True)
             return
         if publish is not None:
             revision = self._write(service, rec, revision)  # fence: a stale controller stops here
@@ -400,41 +400,52 @@ class Controller:
         _event(rec, now, f"rollout {service}: rolling back ({reason})")
 
     def _complete_rollback(self, service: str, rec: dict[str, Any], revision: int, current: VersionRecord,
-                           now: float) -> None:
+                           now: float, fenced: bool = False) -> None:
         """Publish the recorded rollback unless the current version already is it, then mark it done.
 
         Idempotent, so whichever controller sees "rolling-back" (after a crash or a lost leadership) finishes it.
+        Unless the caller just wrote the record (`fenced`), the record is written once more before publishing:
+        a controller holding a stale record (the rollout since finished or started again) stops there.
         """
-        target = rec.get("rollback") or {}
-        reason = rec.get("reason", "")
-        label = f"rollout {service}: rolled back ({reason})"
+        target = rec.setdefault("rollback", {})
+        label = f"rollout {service}: rolled back ({rec.get('reason', '')})"
         source = f"{self.store.url}#{current.version}"
         canary, stable = str(target.get("canary", rec.get("canary"))), str(target.get("stable", rec.get("stable")))
+        content: bytes | None = None
         if target.get("on_failure") == "revert":
-            base = self.store.get(int(target["version"]))
-            content, message = base.content, f"{label}: revert to version {base.version}"
-            done = content == current.content
             try:
+                base = self.store.get(int(target["version"]))
                 weight = canary_weight(base.content, f"{self.store.url}#{base.version}", service, canary)
-            except (GrayagentError, KeyError):
-                weight = 0
-        else:
-            content = set_canary_weight(current.content, source, service, canary, stable, 0)
-            message, weight = f"{label}: canary weight 0%", 0
-            done = canary_weight(current.content, source, service, canary) == 0
-        if done:
+                content, message = base.content, f"{label}: revert to version {base.version}"
+            except (GrayagentError, KeyError, TypeError, ValueError) as exc:
+                target["on_failure"] = "zero"
+                rec["reason"] = (f"{rec.get('reason', '')}; cannot revert to version {target.get('version')} "
+                                 f"({_first_line(exc)}), set the canary weight to 0 instead")
+                label = f"rollout {service}: rolled back ({rec['reason']})"
+        if content is None:
+            weight, message = 0, f"{label}: canary weight 0%"
+            try:
+                if canary_weight(current.content, source, service, canary) != 0:
+                    content = set_canary_weight(current.content, source, service, canary, stable, 0)
+            except KeyError:  # the service is gone from the current version: no canary weight to take back
+                _event(rec, now, f"rollout {service}: no service {service!r} in version {current.version}")
+        if content is None or content == current.content:
             _event(rec, now, f"{label}: the current version already matches")
         else:
+            if not fenced:
+                _event(rec, now, f"rollout {service}: completing the recorded rollback")
+                revision = self._write(service, rec, revision)
             self._guard()
             meta = self.store.publish(content, current.version, AUTHOR, message)  # Conflict: the next tick retries
             rec.setdefault("versions", []).append(meta.version)
             _event(rec, now, f"{message}: version {meta.version}")
             self._audit("rollout-rollback", service=service, version=meta.version,
-                        on_failure=target.get("on_failure"), reason=reason, message=message)
+                        on_failure=target.get("on_failure"), reason=rec.get("reason"), message=message)
         rec["phase"] = target.get("phase", "rolled-back")
         rec["finished_at"] = now
         rec["weight"] = weight
-        log.warning("rollout rolled back", service=service, reason=reason, on_failure=target.get("on_failure"))
+        log.warning("rollout rolled back", service=service, reason=rec.get("reason"),
+                    on_failure=target.get("on_failure"))
         self._write(service, rec, revision)
 
 
