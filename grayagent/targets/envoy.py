@@ -46,7 +46,9 @@ VALIDATE_ARGS = ("--disable-hot-restart", "--concurrency", "1", "-l", "error")
 CDS_STATS = "cluster_manager.cds"
 _STATS_FILTER = (r"^((listener_manager\.lds|cluster_manager\.cds|http\.grayagent_[a-z0-9_]+\.rds\.grayagent_[a-z0-9_]+)"
                  r"\.(version_text|update_attempt|update_rejected|update_failure)"
-                 r"|listener_manager\.listener_create_(success|failure)|server\.concurrency)$")
+                 r"|listener_manager\.listener_create_(success|failure)|server\.concurrency"
+                 r"|cluster_manager\.warming_clusters)$")
+WARMING = "cluster_manager.warming_clusters"
 CREATED = "listener_manager.listener_create_success"
 UNION_SUFFIX = "+old"  # the label of the transient cluster file that holds old and new clusters
 Stats = dict[str, int | str]
@@ -141,6 +143,17 @@ class EnvoyTarget:
         except ValueError:
             raise StepFailed("envoy admin /stats did not answer JSON") from None
         return {e["name"]: e["value"] for e in entries if "name" in e and "value" in e}
+
+    def _await_warm(self) -> Stats:
+        deadline = time.monotonic() + self.settings.verify_timeout
+        while True:
+            stats = self._stats()
+            if int(stats.get(WARMING, 0) or 0) == 0:
+                return stats
+            if time.monotonic() > deadline:
+                raise StepFailed(f"envoy: {stats.get(WARMING)} clusters still warming after "
+                                 f"{self.settings.verify_timeout:.0f}s")
+            time.sleep(0.01)
 
     def live_version(self) -> tuple[int, str] | None:
         """The version Envoy serves: every file in place is accepted, and every listener's routes carry it.
@@ -275,6 +288,9 @@ class EnvoyTarget:
         stats: Stats | None = None
         if old.get(CDS_FILE) != cds:
             stats = self._write_and_confirm(CDS_FILE, cds, stats)
+            # Accepted is not ready: RDS accepts routes to warming clusters, whose requests get 503 until
+            # warming ends (a new DNS upstream's first resolution). Routes go in only once all are warm.
+            stats = self._await_warm()
         old_listeners = set(_resource_names(old.get(LDS_FILE)))
         later: list[str] = []
         for path, content in new.items():
