@@ -456,3 +456,21 @@ def test_access_log_feeds_per_upstream_figures(tmp_path: Path, lua_nginx: NginxI
         ups = counted()
         assert ups["product/canary"]["requests"] == answers.count("canary") > 0
         assert ups["product/stable"]["requests"] == answers.count("stable") > 0
+
+
+@needs_lua
+def test_a_skeleton_left_by_a_crash_is_never_restored(lua_nginx: NginxInstance, backends) -> None:
+    """An agent killed after writing a skeleton but before checking it leaves an unchecked file; a later
+    failed apply must restore the skeleton nginx last verifiably served."""
+    port = free_port()
+    servers = {n: [f"127.0.0.1:{b.port}"] for n, b in backends.items()}
+    target = dynamic_target(lua_nginx)
+    apply_doc(target, document(service(listen=f"127.0.0.1:{port}", servers=servers)))
+    verified = lua_nginx.conf.read_bytes()
+    lua_nginx.conf.write_text("upstream broken { server does-not-resolve.invalid:80; }\n")  # the crash's leftover
+    broken = document(service(listen=f"127.0.0.1:{port}", servers={**servers, "canary": ["unresolvable.invalid:80"]}))
+    content = dump(broken)
+    result = target.apply(target.render(parse_document(content, "t"), 2, digest_of(content)), 2, digest_of(content))
+    assert not result.ok and result.restored
+    assert lua_nginx.conf.read_bytes() == verified
+    assert lua_nginx.test_config().returncode == 0

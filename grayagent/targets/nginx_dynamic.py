@@ -22,6 +22,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import secrets
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from grayagent.fsutil import atomic_write
 from grayagent.model import Release
 from grayagent.rollout.traffic import AccessLogTailer
 from grayagent.targets.base import ApplyResult, RenderedFiles, StepFailed, http_get, poll_until, run_command
-from grayagent.targets.nginx import PLACEHOLDER, _first_error
+from grayagent.targets.nginx import OLD_WORKERS_GRACE, PLACEHOLDER, _first_error
 from grayagent.targets.nginx_dynamic_render import (
     DATA_FILE,
     LUA_DIR,
@@ -47,6 +48,7 @@ LUA_MODE = 0o644  # nginx workers (not root) read the modules; they hold code, n
 _PLAIN_PATH = re.compile(r"/[A-Za-z0-9._/-]{1,1000}")  # nginx expands $ in lua_package_path
 
 
+LAST_GOOD_SKELETON = ".grayagent-skeleton.last-good"  # hidden, no .conf: never included by conf.d/*.conf
 TOKEN_FILE = ".grayagent-control-token"  # noqa: S105 - the file's name; the token is generated
 
 
@@ -167,17 +169,29 @@ class NginxDynamicTarget:
         if done.returncode != 0:
             raise StepFailed(f"nginx -s reload failed: {_first_error(done.stderr + done.stdout)}")
 
-    def _verify(self, skeleton: str, version: int, digest: str) -> None:
+    def _verify(self, skeleton: str, version: int, digest: str, reloaded: bool = False) -> None:
         def live() -> bool:
             state = self.live_state()
             return state is not None and state.skeleton == skeleton and state.data == (version, digest)
 
-        if not poll_until(live, self.settings.verify_timeout):
-            state = self.live_state()
-            shown = (f"skeleton {state.skeleton[:12]}, data {state.data[0] if state.data else 'none'}"
-                     if state else "no answer")
-            raise StepFailed(f"nginx serves {shown}, not skeleton {skeleton[:12]} with version {version}, "
-                             f"{self.settings.verify_timeout:.0f}s after apply (see nginx's error_log)")
+        # After a reload the old workers answer for ~100 ms more (see NginxTarget._verify): require an
+        # unbroken window of right answers. A push without a reload is live at its first right answer.
+        grace = OLD_WORKERS_GRACE if reloaded else 0.0
+        deadline = time.monotonic() + self.settings.verify_timeout
+        first_right: float | None = None
+        while time.monotonic() < deadline:
+            if live():
+                first_right = first_right if first_right is not None else time.monotonic()
+                if time.monotonic() - first_right >= grace:
+                    return
+            else:
+                first_right = None
+            time.sleep(0.005)
+        state = self.live_state()
+        shown = (f"skeleton {state.skeleton[:12]}, data {state.data[0] if state.data else 'none'}"
+                 if state else "no answer")
+        raise StepFailed(f"nginx serves {shown}, not skeleton {skeleton[:12]} with version {version}, "
+                         f"{self.settings.verify_timeout:.0f}s after apply (see nginx's error_log)")
 
     def _wait_skeleton(self, fp: str) -> None:
         """After a reload: until the new workers answer (the old ones answer for a moment after SIGHUP)."""
@@ -199,7 +213,9 @@ class NginxDynamicTarget:
         fp = skeleton_fingerprint(skeleton)
         if fp is None:
             raise ValueError("not a dynamic-mode skeleton")  # a programming error, not an apply failure
-        previous = self._read(conf_name)
+        # The skeleton nginx last verifiably served, never simply what is on disk: an agent killed between
+        # writing a skeleton and checking it leaves an unchecked file there (see NginxTarget._last_good).
+        previous = self._read(LAST_GOOD_SKELETON) or self._read(conf_name)
         last_good = self._read(DATA_FILE)
         live = self.live_state()
         if previous == skeleton and live is not None and live.skeleton == fp and live.data == (version, digest):
@@ -238,8 +254,10 @@ class NginxDynamicTarget:
                         self._wait_skeleton(fp)
                         self._push(data)
             with result.step("verify"):
-                self._verify(fp, version, digest)
+                self._verify(fp, version, digest, reloaded=result.reloaded)
             atomic_write(self.dir / DATA_FILE, data)
+            if self._read(LAST_GOOD_SKELETON) != skeleton:
+                atomic_write(self.dir / LAST_GOOD_SKELETON, skeleton)
         except (StepFailed, OSError) as exc:
             result.error = str(exc)
             self._restore(previous if written else False, last_good, result)
