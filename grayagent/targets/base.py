@@ -76,3 +76,26 @@ def poll_until(check: Callable[[], bool], timeout: float, interval: float = 0.02
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval)
+
+
+def poll_stable(check: Callable[[], bool], timeout: float, grace: float, interval: float = 0.005) -> bool:
+    """True once `check` has held without a break for `grace` seconds; False if that never happens in time.
+
+    With grace 0 this is the first success. A proxy mid-reload refuses or resets: such errors count as
+    a failed check, never as an exception.
+    """
+    deadline = time.monotonic() + timeout
+    holding_since: float | None = None
+    while time.monotonic() < deadline:
+        try:
+            ok = check()
+        except Exception:
+            ok = False
+        if ok:
+            holding_since = holding_since if holding_since is not None else time.monotonic()
+            if time.monotonic() - holding_since >= grace:
+                return True
+        else:
+            holding_since = None
+        time.sleep(interval)
+    return False

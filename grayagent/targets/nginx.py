@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from grayagent.errors import UsageError
 from grayagent.fsutil import atomic_write
 from grayagent.model import Release
 from grayagent.rollout.traffic import AccessLogTailer
-from grayagent.targets.base import ApplyResult, RenderedFiles, StepFailed, http_get, run_command
+from grayagent.targets.base import ApplyResult, RenderedFiles, StepFailed, http_get, poll_stable, run_command
 from grayagent.targets.nginx_render import VERSION_PATH, NginxOptions, render
 
 PLACEHOLDER = b"# grayagent: no version applied yet\n"
@@ -84,17 +83,9 @@ class NginxTarget:
         """Live means the old config stopped answering, not just that a new worker did: nginx's master
         sleeps 100 ms before retiring the old workers, which accept connections until then. So after the
         first sighting, every answer for OLD_WORKERS_GRACE seconds must be the new version."""
-        expected = (version, digest)
-        deadline = time.monotonic() + self.settings.verify_timeout
-        stable_since: float | None = None
-        while time.monotonic() < deadline:
-            if self.live_version() == expected:
-                stable_since = stable_since if stable_since is not None else time.monotonic()
-                if time.monotonic() - stable_since >= OLD_WORKERS_GRACE:
-                    return
-            else:
-                stable_since = None
-            time.sleep(0.01)
+        if poll_stable(lambda: self.live_version() == (version, digest), self.settings.verify_timeout,
+                       OLD_WORKERS_GRACE):
+            return
         live = self.live_version()
         shown = f"version {live[0]}" if live else "no version"
         raise StepFailed(f"nginx still serves {shown} {self.settings.verify_timeout:.0f}s after reload "

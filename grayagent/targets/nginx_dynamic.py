@@ -22,7 +22,6 @@ from __future__ import annotations
 import ipaddress
 import re
 import secrets
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -32,7 +31,15 @@ from grayagent.errors import UsageError
 from grayagent.fsutil import atomic_write
 from grayagent.model import Release
 from grayagent.rollout.traffic import AccessLogTailer
-from grayagent.targets.base import ApplyResult, RenderedFiles, StepFailed, http_get, poll_until, run_command
+from grayagent.targets.base import (
+    ApplyResult,
+    RenderedFiles,
+    StepFailed,
+    http_get,
+    poll_stable,
+    poll_until,
+    run_command,
+)
 from grayagent.targets.nginx import OLD_WORKERS_GRACE, PLACEHOLDER, _first_error
 from grayagent.targets.nginx_dynamic_render import (
     DATA_FILE,
@@ -176,17 +183,8 @@ class NginxDynamicTarget:
 
         # After a reload the old workers answer for ~100 ms more (see NginxTarget._verify): require an
         # unbroken window of right answers. A push without a reload is live at its first right answer.
-        grace = OLD_WORKERS_GRACE if reloaded else 0.0
-        deadline = time.monotonic() + self.settings.verify_timeout
-        first_right: float | None = None
-        while time.monotonic() < deadline:
-            if live():
-                first_right = first_right if first_right is not None else time.monotonic()
-                if time.monotonic() - first_right >= grace:
-                    return
-            else:
-                first_right = None
-            time.sleep(0.005)
+        if poll_stable(live, self.settings.verify_timeout, OLD_WORKERS_GRACE if reloaded else 0.0):
+            return
         state = self.live_state()
         shown = (f"skeleton {state.skeleton[:12]}, data {state.data[0] if state.data else 'none'}"
                  if state else "no answer")
