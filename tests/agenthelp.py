@@ -13,11 +13,10 @@ from typing import Any
 
 from grayagent.agent import Agent, AgentSettings
 from grayagent.stores.base import Store
-from grayagent.targets.base import Target
-from grayagent.targets.nginx import NginxSettings, NginxTarget
+from grayagent.targets.base import Target, poll_stable
+from grayagent.targets.nginx import OLD_WORKERS_GRACE, NginxSettings, NginxTarget
 from grayagent.targets.nginx_dynamic import NginxDynamicSettings, NginxDynamicTarget
 from tests.servers.nginx import NginxInstance
-from tests.servers.proc import wait_until
 
 
 def nginx_target(nginx: NginxInstance, reuseport: bool = False) -> NginxTarget:
@@ -55,8 +54,11 @@ def running_agent(store: Store, nginx: NginxInstance, state_dir: Path, reuseport
 
 
 def wait_live(nginx: NginxInstance, version: int, timeout: float = 15) -> None:
+    """Until nginx serves `version` and no old worker still answers (as the agent's own verify defines live):
+    a keep-alive connection held by an old worker would otherwise still see the previous rules."""
     target = nginx_target(nginx)
-    wait_until(lambda: (target.live_version() or (0, ""))[0] == version, timeout, f"nginx to serve version {version}")
+    if not poll_stable(lambda: (target.live_version() or (0, ""))[0] == version, timeout, OLD_WORKERS_GRACE):
+        raise TimeoutError(f"timed out after {timeout:.0f}s waiting for nginx to serve version {version}")
 
 
 class Client:
