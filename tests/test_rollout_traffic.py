@@ -8,12 +8,11 @@ import os
 import time
 from pathlib import Path
 
-from grayagent.agent import Agent, AgentSettings
 from grayagent.observe import AgentMetrics
 from grayagent.rollout.traffic import AccessLogTailer, TrafficCollector, parse_line
 from grayagent.stores.file import FileStore
 from grayagent.targets.nginx import NginxSettings, NginxTarget
-from tests.agenthelp import Client, wait_live
+from tests.agenthelp import Client, running_agent_for, wait_live
 from tests.docs import document, service
 from tests.servers.proc import free_port, wait_until
 from tests.test_nginx_agent import publish
@@ -25,20 +24,14 @@ def logging_target(nginx, log: Path) -> NginxTarget:
 
 
 def test_agent_counts_requests_5xx_and_latency_per_upstream(tmp_path: Path, nginx, backends) -> None:
-    import threading
-
     port = free_port()
     store = FileStore(str(tmp_path / "store"))
     servers = {n: [f"127.0.0.1:{backends[n].port}"] for n in ("stable", "canary")}
     publish(store, document(service(listen=f"127.0.0.1:{port}", servers=servers,
                                     split={"weights": {"stable": 50, "canary": 50}})))
     backends["canary"].fail(0.5)
-    agent = Agent(store, logging_target(nginx, tmp_path / "access.json"),
-                  AgentSettings(state_dir=tmp_path / "state", status_interval=0.2))
-    stop = threading.Event()
-    thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
+    target = logging_target(nginx, tmp_path / "access.json")
+    with running_agent_for(store, target, tmp_path / "state", status_interval=0.2) as agent:
         wait_live(nginx, 1)
         client = Client(port)
         statuses = [client.get("/")[0] for _ in range(400)]
@@ -58,9 +51,6 @@ def test_agent_counts_requests_5xx_and_latency_per_upstream(tmp_path: Path, ngin
         assert f'grayagent_upstream_requests_total{{service="product",target="nginx",upstream="canary"}} ' \
                f'{float(canary_calls)}' in text
         assert 'grayagent_upstream_latency_seconds_bucket{le="+Inf",service="product"' in text
-    finally:
-        stop.set()
-        thread.join(15)
 
 
 def test_tailer_survives_rotation_and_truncation(tmp_path: Path) -> None:
