@@ -4,8 +4,16 @@
 
 The hash covers the entry's canonical JSON without its "hash" field. `verify` detects an edited, removed,
 inserted or reordered entry. `audit.head` (rewritten atomically after each append) records the last seq and
-hash, so cutting entries off the end is detected too. Someone who can rewrite both files can forge a
-consistent log; anchor the head elsewhere (the fleet status carries it) when that matters.
+hash, so cutting entries off the end is detected too.
+
+Every append first compares the log's tail with `audit.head`. A mismatch (entries cut off, or the head
+lost) is never silently chained over: the append writes a `gap` entry first, saying what the head expected
+and what the log held. Other writers record their own losses the same way (`record_gap`, e.g. reason
+`write_failed` after a full disk). `verify` fails on every gap until an operator acknowledges it with
+`grayagent audit ack --reason ...`, which is itself an audited `ack` entry listing the gaps it covers.
+
+Someone who can rewrite both files can still forge a consistent log; copy the log or its head off the
+host when that matters.
 """
 
 from __future__ import annotations
@@ -15,13 +23,29 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import structlog
+
+from grayagent.errors import GrayagentError
 from grayagent.fsutil import RENDERED_MODE, atomic_write
 from grayagent.stores.base import utc_now
 
+log = structlog.get_logger("grayagent.audit")
+
 GENESIS = "0" * 64
+GAP_EVENT = "gap"
+ACK_EVENT = "ack"
+# Reasons a gap entry gives. truncated: the log ends before the head; diverged: the log's tail is not the
+# entry the head names; head_missing: audit.head is gone or unreadable while the log has entries;
+# write_failed: entries could not be written (a full disk), recorded once writing works again.
+GAP_REASONS = ("truncated", "diverged", "head_missing", "write_failed")
+
+
+class NothingToAcknowledge(GrayagentError):
+    """`audit ack` found no unacknowledged gap."""
 
 
 def _canonical(entry: dict[str, Any]) -> bytes:
@@ -30,6 +54,42 @@ def _canonical(entry: dict[str, Any]) -> bytes:
 
 def entry_hash(entry: dict[str, Any]) -> str:
     return hashlib.sha256(_canonical({k: v for k, v in entry.items() if k != "hash"})).hexdigest()
+
+
+def _read_head(path: Path) -> dict[str, Any] | None:
+    """The head's {"seq", "hash"}; None when missing or unreadable."""
+    try:
+        head = json.loads(path.read_bytes())
+    except (FileNotFoundError, ValueError):
+        return None
+    return head if isinstance(head, dict) else None
+
+
+def _head_mismatch(head: dict[str, Any] | None, tail: dict[str, Any] | None) -> str | None:
+    """The gap reason when the log's last entry is not the one audit.head names, else None.
+
+    A head one entry behind, naming the tail's predecessor, is a crash between the log write and the head
+    write (nothing was lost), not a gap.
+    """
+    tail_seq = int(tail.get("seq", 0)) if tail else 0
+    tail_hash = str(tail.get("hash", GENESIS)) if tail else GENESIS
+    if head is None:
+        return "head_missing" if tail_seq else None
+    if head.get("seq") == tail_seq and head.get("hash") == tail_hash:
+        return None
+    if tail and head.get("seq") == tail_seq - 1 and head.get("hash") == tail.get("prev"):
+        return None
+    head_seq = head.get("seq")
+    return "truncated" if isinstance(head_seq, int) and tail_seq < head_seq else "diverged"
+
+
+def _open_gaps(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Gap entries that no later ack lists."""
+    acked: set[Any] = set()
+    for entry in entries:
+        if entry.get("event") == ACK_EVENT:
+            acked.update(entry.get("gaps") or [])
+    return [e for e in entries if e.get("event") == GAP_EVENT and e.get("seq") not in acked]
 
 
 class AuditLog:
@@ -42,8 +102,8 @@ class AuditLog:
         self._lock = threading.Lock()
 
     @staticmethod
-    def _tail(fd: int) -> tuple[int, str]:
-        """seq and hash of the last complete line (a torn line from a crash is skipped)."""
+    def _tail(fd: int) -> dict[str, Any] | None:
+        """The last complete entry (a torn line from a crash is skipped); None for an empty log."""
         size = os.fstat(fd).st_size
         chunk = min(size, 1 << 20)
         data = os.pread(fd, chunk, size - chunk) if chunk else b""
@@ -54,23 +114,80 @@ class AuditLog:
                 last = json.loads(raw)
             except ValueError:
                 continue
-            return int(last.get("seq", 0)), str(last.get("hash", GENESIS))
-        return 0, GENESIS
+            if isinstance(last, dict):
+                return last
+        return None
 
-    def append(self, event: str, **fields: Any) -> dict[str, Any]:
+    def _write(self, fd: int, tail: dict[str, Any] | None, event: str, fields: dict[str, Any]) -> dict[str, Any]:
+        seq = int(tail.get("seq", 0)) if tail else 0
+        prev = str(tail.get("hash", GENESIS)) if tail else GENESIS
+        entry: dict[str, Any] = {"seq": seq + 1, "time": utc_now(), "event": event, **fields, "prev": prev}
+        entry["hash"] = entry_hash(entry)
+        os.write(fd, _canonical(entry) + b"\n")
+        os.fsync(fd)
+        atomic_write(self.head_path, _canonical({"seq": entry["seq"], "hash": entry["hash"]}) + b"\n")
+        return entry
+
+    def _append_locked(self, event: str, fields: dict[str, Any],
+                       before_write: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> dict[str, Any]:
         with self._lock:
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, RENDERED_MODE)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                seq, prev = self._tail(fd)
-                entry: dict[str, Any] = {"seq": seq + 1, "time": utc_now(), "event": event, **fields, "prev": prev}
-                entry["hash"] = entry_hash(entry)
-                os.write(fd, _canonical(entry) + b"\n")
-                os.fsync(fd)
-                atomic_write(self.head_path, _canonical({"seq": entry["seq"], "hash": entry["hash"]}) + b"\n")
+                if before_write is not None:
+                    fields = before_write(fields)
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn line from a crash: start a new one
+                    os.write(fd, b"\n")
+                tail = self._tail(fd)
+                reason = _head_mismatch(_read_head(self.head_path), tail)
+                if reason is not None:  # never chain silently over a cut: say what was lost first
+                    head = _read_head(self.head_path)
+                    found = {"seq": tail.get("seq"), "hash": tail.get("hash")} if tail else {"seq": 0, "hash": GENESIS}
+                    expected = {"seq": head.get("seq"), "hash": head.get("hash")} if head else None
+                    log.error("audit log does not match its head; recording a gap", reason=reason,
+                              expected=expected, found=found, path=str(self.path))
+                    tail = self._write(fd, tail, GAP_EVENT, {"reason": reason, "expected": expected, "found": found})
+                return self._write(fd, tail, event, fields)
             finally:
                 os.close(fd)  # releases the flock
-            return entry
+
+    def append(self, event: str, **fields: Any) -> dict[str, Any]:
+        return self._append_locked(event, fields)
+
+    def record_gap(self, reason: str, **details: Any) -> dict[str, Any]:
+        """Mark entries that were lost (e.g. reason="write_failed"); `verify` fails until it is acknowledged."""
+        return self._append_locked(GAP_EVENT, {"reason": reason, **details})
+
+    def acknowledge(self, reason: str, operator: str) -> dict[str, Any]:
+        """Append an `ack` entry covering every gap recorded so far; NothingToAcknowledge when there is none.
+
+        The gaps are read before the append: a gap the ack's own append discovers stays open, because the
+        operator has not seen it.
+        """
+        def covered(fields: dict[str, Any]) -> dict[str, Any]:
+            gaps = _open_gaps(_readable_entries(self.path))
+            if not gaps:
+                raise NothingToAcknowledge(f"{self.path}: no unacknowledged gap")
+            return {**fields, "gaps": [g.get("seq") for g in gaps]}
+        return self._append_locked(ACK_EVENT, {"reason": reason, "operator": operator}, before_write=covered)
+
+
+def _readable_entries(path: Path) -> list[dict[str, Any]]:
+    """Every entry that parses (verify reports the others)."""
+    out: list[dict[str, Any]] = []
+    try:
+        lines = path.read_bytes().splitlines()
+    except FileNotFoundError:
+        return out
+    for raw in lines:
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            out.append(entry)
+    return out
 
 
 def read_entries(state_dir: Path) -> list[dict[str, Any]]:
@@ -83,11 +200,25 @@ def read_entries(state_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _describe_gap(path: Path, lineno: int, gap: dict[str, Any]) -> str:
+    def at(mark: Any) -> str:
+        if not isinstance(mark, dict):
+            return "nothing"
+        return f"seq {mark.get('seq')} (hash {str(mark.get('hash'))[:12]})"
+    reason = gap.get("reason", "unknown")
+    detail = f"audit.head expected {at(gap.get('expected'))}, the log ended at {at(gap.get('found'))}" \
+        if "found" in gap else ", ".join(f"{k}={v}" for k, v in gap.items()
+                                         if k not in ("seq", "time", "event", "reason", "prev", "hash"))
+    return (f"{path}:{lineno}: gap at seq {gap.get('seq')} ({reason}): {detail}; not acknowledged "
+            f"(grayagent audit ack --state-dir {path.parent} --reason TEXT)")
+
+
 def verify(state_dir: Path) -> list[str]:
-    """Problems found in the chain, one line each; empty when the log is intact."""
+    """Problems found in the chain, one line each; empty when the log is intact and every gap acknowledged."""
     path = state_dir / "audit.jsonl"
     problems: list[str] = []
     prev, seq = GENESIS, 0
+    entries: list[tuple[int, dict[str, Any]]] = []
     try:
         lines = path.read_bytes().splitlines()
     except FileNotFoundError:
@@ -100,6 +231,10 @@ def verify(state_dir: Path) -> list[str]:
         except ValueError:
             problems.append(f"{path}:{lineno}: not valid JSON")
             continue
+        if not isinstance(entry, dict):
+            problems.append(f"{path}:{lineno}: not an entry")
+            continue
+        entries.append((lineno, entry))
         if entry.get("hash") != entry_hash(entry):
             problems.append(f"{path}:{lineno}: entry seq {entry.get('seq')} was modified (hash mismatch)")
         if entry.get("prev") != prev:
@@ -108,14 +243,17 @@ def verify(state_dir: Path) -> list[str]:
         if entry.get("seq") != seq + 1:
             problems.append(f"{path}:{lineno}: sequence jumps from {seq} to {entry.get('seq')}")
         prev, seq = str(entry.get("hash")), int(entry.get("seq", seq + 1))
-    try:
-        head = json.loads((state_dir / "audit.head").read_bytes())
-        if head.get("seq") != seq or head.get("hash") != prev:
-            problems.append(f"{path}: the log ends at seq {seq} but audit.head records seq {head.get('seq')} "
-                            "(entries were cut off the end)")
-    except FileNotFoundError:
+    open_gaps = {id(g) for g in _open_gaps([e for _, e in entries])}
+    problems += [_describe_gap(path, lineno, e) for lineno, e in entries if id(e) in open_gaps]
+    head_path = state_dir / "audit.head"
+    head = _read_head(head_path)
+    tail = entries[-1][1] if entries else None
+    if head is None and head_path.exists():
+        problems.append(f"{head_path}: not valid JSON")
+    elif head is None:
         if seq:
-            problems.append(f"{state_dir / 'audit.head'}: missing")
-    except ValueError:
-        problems.append(f"{state_dir / 'audit.head'}: not valid JSON")
+            problems.append(f"{head_path}: missing")
+    elif _head_mismatch(head, tail) is not None:
+        problems.append(f"{path}: the log ends at seq {seq} but audit.head records seq {head.get('seq')} "
+                        "(entries were cut off the end)")
     return problems

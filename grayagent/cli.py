@@ -18,7 +18,7 @@ import click
 from click.core import ParameterSource
 
 from grayagent import usecases
-from grayagent.errors import GrayagentError, InvalidDocument
+from grayagent.errors import GrayagentError, InvalidDocument, UsageError
 from grayagent.routing import Request
 from grayagent.stores import Store, open_store, resolve_store_url
 
@@ -381,6 +381,7 @@ def audit_show(state_dir: Path, output: str) -> None:
             click.echo(json.dumps(entry, ensure_ascii=False))
         else:
             extra = f" error={entry['error']}" if entry.get("error") else ""
+            extra += f" reason={entry['reason']}" if entry.get("reason") else ""
             steps = entry.get("steps_ms")
             timing = " " + " ".join(f"{k}={v:.1f}ms" for k, v in steps.items()) if steps else ""
             click.echo(f"{entry['seq']:>6} {entry['time']} {entry['event']:8} "
@@ -397,6 +398,22 @@ def audit_verify(state_dir: Path, output: str) -> None:
           "\n".join(problems) if problems else f"{state_dir / 'audit.jsonl'}: intact")
     if problems:
         sys.exit(1)
+
+
+@audit_group.command(name="ack")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--reason", required=True, help="Why the gap is accepted (goes into the audit log).")
+@click.option("--operator", default=_default_author, help="Who acknowledges (default: user@host).")
+@OUTPUT
+def audit_ack(state_dir: Path, reason: str, operator: str, output: str) -> None:
+    """Acknowledge every gap recorded in the log (an audited `ack` entry); exit 1 when there is none."""
+    from grayagent.audit import AuditLog
+
+    if not (state_dir / "audit.jsonl").exists():
+        raise UsageError(f"--state-dir: {state_dir}: no audit log there")
+    entry = AuditLog(state_dir).acknowledge(reason, operator)
+    _emit(output, entry, f"acknowledged gap(s) at seq {', '.join(str(g) for g in entry['gaps'])} "
+                         f"with entry seq {entry['seq']}")
 
 
 def main(argv: list[str] | None = None) -> None:

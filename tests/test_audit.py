@@ -1,0 +1,94 @@
+"""The audit log's gaps: a cut tail is recorded by the next append and keeps `verify` failing until an
+operator acknowledges it with an audited `grayagent audit ack`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from grayagent.audit import AuditLog, read_entries, verify
+from tests.agenthelp import grayagent
+
+
+def _cut(state: Path, entries: int) -> None:
+    log = state / "audit.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text("".join(lines[:-entries]))
+
+
+def _verify(state: Path) -> tuple[int, str]:
+    done = grayagent("audit", "verify", "--state-dir", str(state))
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_a_cut_tail_stays_detected_after_the_next_append_until_acknowledged(tmp_path: Path) -> None:
+    audit = AuditLog(tmp_path)
+    for n in range(1, 6):
+        audit.append("apply", version=n, result="ok")
+    assert verify(tmp_path) == []
+    _cut(tmp_path, 2)  # entries 4 and 5 removed
+    audit.append("start", target="nginx")  # the agent's next append
+
+    gap = read_entries(tmp_path)[3]
+    assert gap["event"] == "gap" and gap["reason"] == "truncated"
+    assert gap["expected"]["seq"] == 5 and gap["found"]["seq"] == 3
+    code, out = _verify(tmp_path)
+    assert code == 1 and "gap at seq 4 (truncated)" in out and "expected seq 5" in out and "ended at seq 3" in out
+
+    done = grayagent("audit", "ack", "--state-dir", str(tmp_path), "--reason", "disk restored from backup",
+                     "--operator", "alice@ops")
+    assert done.returncode == 0, done.stderr
+    ack = read_entries(tmp_path)[-1]
+    assert ack["event"] == "ack" and ack["gaps"] == [4] and ack["operator"] == "alice@ops"
+    assert ack["reason"] == "disk restored from backup"
+    assert _verify(tmp_path)[0] == 0
+
+    audit.append("apply", version=6, result="ok")
+    _cut(tmp_path, 1)  # a second cut, after the ack
+    audit.append("apply", version=7, result="ok")
+    code, out = _verify(tmp_path)
+    assert code == 1 and "gap at seq 7 (truncated)" in out and "gap at seq 4" not in out
+
+
+def test_ack_without_a_gap_is_refused_and_writes_nothing(tmp_path: Path) -> None:
+    audit = AuditLog(tmp_path)
+    audit.append("start")
+    before = (tmp_path / "audit.jsonl").read_bytes()
+    done = grayagent("audit", "ack", "--state-dir", str(tmp_path), "--reason", "x")
+    assert done.returncode == 1 and "no unacknowledged gap" in done.stderr
+    assert (tmp_path / "audit.jsonl").read_bytes() == before
+
+
+def test_a_lost_head_and_a_recorded_write_failure_are_gaps(tmp_path: Path) -> None:
+    audit = AuditLog(tmp_path)
+    audit.append("start")
+    (tmp_path / "audit.head").unlink()
+    audit.append("apply", version=1)
+    audit.record_gap("write_failed", lost_since="2026-01-01T00:00:00Z")
+    problems = verify(tmp_path)
+    assert len(problems) == 2
+    assert "gap at seq 2 (head_missing)" in problems[0] and "gap at seq 4 (write_failed)" in problems[1]
+    assert "lost_since=2026-01-01T00:00:00Z" in problems[1]
+    entry = audit.acknowledge("known outage", "bob")
+    assert entry["gaps"] == [2, 4] and verify(tmp_path) == []
+
+
+def test_a_head_one_entry_behind_is_a_crash_not_a_gap(tmp_path: Path) -> None:
+    audit = AuditLog(tmp_path)
+    audit.append("start")
+    head = (tmp_path / "audit.head").read_bytes()
+    audit.append("apply", version=1)
+    (tmp_path / "audit.head").write_bytes(head)  # killed between the log write and the head write
+    assert verify(tmp_path) == []
+    audit.append("apply", version=2)
+    assert [e["event"] for e in read_entries(tmp_path)] == ["start", "apply", "apply"]
+
+
+def test_a_torn_last_line_does_not_swallow_the_next_entry(tmp_path: Path) -> None:
+    audit = AuditLog(tmp_path)
+    audit.append("start")
+    with open(tmp_path / "audit.jsonl", "a") as f:
+        f.write('{"seq": 2, "tim')  # a crash mid-write
+    entry = audit.append("apply", version=1)
+    last = (tmp_path / "audit.jsonl").read_text().splitlines()[-1]
+    assert json.loads(last) == entry
