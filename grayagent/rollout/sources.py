@@ -7,19 +7,25 @@ restarted, and its counters count from zero again; an agent missing from the bas
 unknown) `boot` takes its current counters as its baseline.
 
 `PrometheusSource`: PromQL instant queries over the HTTP API (/api/v1/query); the queries do their own
-windowing ({{interval}} is substituted, e.g. rate(...[{{interval}}])).
+windowing ({{interval}} is substituted, e.g. rate(...[{{interval}}])). A rollout names its Prometheus URL, so
+the controller must not become a way to reach what only it can reach: a host that resolves to a link-local
+address (cloud metadata) is refused, redirects are not followed, and `rollout run --metrics-host` limits the
+hosts to an allow-list (`check_metrics_host`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
+import socket
 import urllib.parse
 import urllib.request
+from collections.abc import Iterable
 from typing import Any, Protocol
 
-from grayagent.errors import StoreError
-from grayagent.model import Analysis, PrometheusQueries
+from grayagent.errors import StoreError, UsageError
+from grayagent.model import Analysis, PrometheusQueries, link_local_url
 from grayagent.rollout.analysis import Measurement, measurement_from_counters
 from grayagent.stores.base import FleetStatus
 
@@ -107,6 +113,61 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
 
 
+def _host_port(url: str) -> tuple[str, int]:
+    parts = urllib.parse.urlsplit(url)
+    return (parts.hostname or "").lower(), parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def parse_metrics_hosts(entries: Iterable[str]) -> frozenset[tuple[str, int | None]]:
+    """--metrics-host values: HOST, HOST:PORT, [IPv6] or [IPv6]:PORT; UsageError naming the bad one."""
+    out = set()
+    for raw in entries:
+        entry = raw.strip().lower()
+        host, port = entry, ""
+        if entry.startswith("["):
+            host, _, rest = entry[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else rest
+        elif entry.count(":") == 1:
+            host, port = entry.split(":")
+        if not host or (port and not (port.isdigit() and 0 < int(port) < 65536)):
+            raise UsageError(f"--metrics-host: {raw!r} is not HOST or HOST:PORT")
+        out.add((host, int(port) if port else None))
+    return frozenset(out)
+
+
+def check_metrics_host(url: str, allowed: frozenset[tuple[str, int | None]] | None) -> None:
+    """UsageError for a link-local host, or one not on the allow-list (None: any host)."""
+    if (refused := link_local_url(url)) is not None:
+        raise UsageError(f"prometheus url {redact_url(url)}: {refused}")
+    if allowed is None:
+        return
+    host, port = _host_port(url)
+    if (host, port) not in allowed and (host, None) not in allowed:
+        raise UsageError(f"prometheus url {redact_url(url)}: host {host}:{port} is not among the controller's "
+                         "allowed metric hosts (rollout run --metrics-host)")
+
+
+def _resolves_link_local(host: str, port: int) -> str | None:
+    try:
+        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return None  # urlopen reports the failure
+    for info in infos:
+        address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+        mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+        if address.is_link_local or (mapped is not None and mapped.is_link_local):
+            return str(address)
+    return None
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # a redirect is an error: it could lead anywhere, the metadata service included
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 class PrometheusSource:
     def __init__(self, queries: PrometheusQueries, timeout: float = 5.0) -> None:
         self.queries = queries
@@ -115,8 +176,11 @@ class PrometheusSource:
     def query(self, promql: str) -> float | None:
         """One instant query; the sum of a vector's values, a scalar's value, or None for no data/NaN."""
         url = self.queries.url.rstrip("/") + "/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+        where = redact_url(self.queries.url)
+        if (address := _resolves_link_local(*_host_port(url))) is not None:
+            raise StoreError(f"prometheus {where}: resolves to the link-local address {address}; refused")
         try:
-            with urllib.request.urlopen(url, timeout=self.timeout) as response:  # noqa: S310 - configured URL
+            with _OPENER.open(url, timeout=self.timeout) as response:
                 body = json.loads(response.read())
         except (OSError, ValueError) as exc:
             raise StoreError(f"prometheus {redact_url(self.queries.url)}: {exc}") from None
