@@ -13,7 +13,7 @@ from typing import Any
 
 from grayagent.agent import Agent, AgentSettings
 from grayagent.model import parse_document
-from grayagent.rollout import controller as rollout
+from grayagent.rollout import usecases as rollout
 from grayagent.rollout.controller import Controller
 from grayagent.stores.file import FileStore
 from grayagent.targets.nginx import NginxSettings, NginxTarget
@@ -176,7 +176,7 @@ def test_max_duration_triggers_a_timed_rollback(tmp_path: Path, nginx, backends)
     assert rec["reason"] == "maxDuration 2s exceeded"
     assert controller_versions(store)[-1][1] == "rollout product: rolled back (maxDuration 2s exceeded): canary weight 0%"
     watched = grayagent("rollout", "status", "product", "--watch", "--store", str(tmp_path / "store"), timeout=10)
-    assert watched.returncode == 0 and "rollout product: rolled-back" in watched.stdout  # --watch ends with it
+    assert watched.returncode == 4 and "rollout product: rolled-back" in watched.stdout  # --watch: 4, rolled back
     assert "reason: maxDuration 2s exceeded" in watched.stdout
 
 

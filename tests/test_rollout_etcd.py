@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from grayagent.rollout import controller as rollout
+from grayagent.rollout import usecases as rollout
 from grayagent.rollout.controller import Controller
 from grayagent.stores.base import RecordConflict
 from grayagent.stores.etcd import LEADER_LEASE_TTL, EtcdStore

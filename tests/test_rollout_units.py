@@ -13,12 +13,14 @@ import fastjsonschema
 import jsonschema
 import pytest
 
+from grayagent.cli import format_rollout_status
 from grayagent.errors import Conflict, InvalidDocument, StoreError, UsageError
 from grayagent.model import Analysis, PrometheusQueries, parse_document, parse_duration, schema
-from grayagent.rollout import controller as rollout
+from grayagent.rollout import usecases as rollout
 from grayagent.rollout.analysis import Measurement, judge, measurement_from_counters, quantile
 from grayagent.rollout.controller import Controller
 from grayagent.rollout.document import canary_weight, set_canary_weight
+from grayagent.rollout.record import KEEP_ANALYSES, RolloutRecord
 from grayagent.rollout.sources import FleetSource, PrometheusSource, parse_query_result
 from grayagent.stores.base import RecordConflict
 from grayagent.stores.file import FileStore
@@ -346,7 +348,7 @@ def test_start_refuses_what_it_cannot_roll(tmp_path: Path) -> None:
         rollout.start(store, "product")
     with pytest.raises(UsageError, match="no service 'other'"):
         rollout.start(store, "other")
-    with pytest.raises(UsageError, match="no rollout of 'product'"):
+    with pytest.raises(rollout.NoRollout, match="no rollout of 'product'"):
         rollout.request(store, "product", "pause")
     store.publish(doc({"canary": "canary", "steps": [{"weight": 1}]}), 1, "t", "")
     rollout.start(store, "product")
@@ -394,7 +396,7 @@ def test_promote_passes_the_next_gate_and_pause_holds_even_timed_steps(tmp_path:
     ctl.tick()
     rec = store.read_record("product")[0]
     assert rec["phase"] == "succeeded" and rec["weight"] == 10000
-    assert "canary canary at 100%" in rollout.format_status(rec, clock.now)
+    assert "canary canary at 100%" in format_rollout_status(RolloutRecord.from_json(rec), clock.now)
 
 
 # ---------------------------------------------------------------------------------------------- review fixes
@@ -437,7 +439,7 @@ def hooked_setup(tmp_path: Path, spec: dict[str, Any]) -> tuple[FileStore, Clock
     store.publish(doc(spec), 0, "test", "")
     clock, source, lead = Clock(), Hooked(), Lead()
     ctl = Controller(store, interval=1, clock=clock, sources=lambda _: source)
-    ctl.leadership = lead
+    ctl.leader.leadership = lead
     rollout.start(store, "product", clock)
     ctl.tick()
     clock.now += 61
@@ -453,7 +455,7 @@ def test_a_deposed_controller_never_publishes_over_the_new_leaders_rollback(tmp_
     def new_leader_aborts() -> None:  # A still believes it leads; B took over and rolls back
         rollout.request(store, "product", "abort", clock)
         rec, revision = store.read_record("product")
-        b.step("product", rec, revision)
+        b.step("product", RolloutRecord.from_json(rec), revision)
     source.hook = new_leader_aborts
     a.tick()
     rec = store.read_record("product")[0]
@@ -560,7 +562,7 @@ def test_analyses_stay_bounded_while_the_source_fails(tmp_path: Path) -> None:
     for _ in range(60):
         ctl.tick()
         clock.now += 10
-    assert len(store.read_record("product")[0]["analyses"]) == rollout.KEEP_ANALYSES
+    assert len(store.read_record("product")[0]["analyses"]) == KEEP_ANALYSES
 
 
 def test_one_broken_record_does_not_stop_the_other_rollouts(tmp_path: Path) -> None:
@@ -602,7 +604,7 @@ def test_start_leaves_the_clock_to_the_controller_and_a_clock_that_goes_back_is_
     store.publish(doc({**RAMP, "maxDuration": "1h"}), 0, "t", "")
     rollout.start(store, "product", lambda: 5.0)  # a CLI host whose clock is far off
     rec = store.read_record("product")[0]
-    assert rec["started_at"] is None and "not started" in rollout.format_status(rec, 10.0)
+    assert rec["started_at"] is None and "not started" in format_rollout_status(RolloutRecord.from_json(rec), 10.0)
     clock, source = Clock(), Scripted()
     ctl = Controller(store, interval=1, clock=clock, sources=lambda _: source)
     ctl.tick()
@@ -612,7 +614,7 @@ def test_start_leaves_the_clock_to_the_controller_and_a_clock_that_goes_back_is_
     ctl.tick()
     rec = store.read_record("product")[0]
     assert rec["phase"] == "progressing" and source.calls == 1  # the analysis was due, not skipped for an hour
-    assert "running 0s" in rollout.format_status(rec, clock.now)
+    assert "running 0s" in format_rollout_status(RolloutRecord.from_json(rec), clock.now)
     clock.now += 60
     ctl.tick()
     assert store.read_record("product")[0]["step"] == 2  # the pause restarted at the jump, it did not hang
@@ -678,7 +680,7 @@ def test_completing_a_rollback_from_a_stale_record_publishes_nothing(tmp_path: P
     assert stale["phase"] == "rolling-back"
     rollout.request(store, "product", "pause", clock)  # the record moves on after the stale read
     with pytest.raises(RecordConflict):
-        a.step("product", stale, revision)
+        a.step("product", RolloutRecord.from_json(stale), revision)
     assert len(store.history()) == 2 and live_weight(store) == 1000
     a.tick()  # from the fresh record it completes
     assert store.read_record("product")[0]["phase"] == "rolled-back" and live_weight(store) == 0

@@ -4,5 +4,9 @@
 - `sources`: where the controller reads those figures (the fleet's status entries, or Prometheus);
 - `analysis`: the window math and the verdict;
 - `document`: rewriting one service's split weights in a rule document, and nothing else;
-- `controller`: the long-running controller and the use cases behind `grayagent rollout ...`.
+- `record`: the rollout record (RolloutRecord) and its JSON;
+- `usecases`: `grayagent rollout start|status|pause|resume|promote|abort`;
+- `controller`: the long-running controller's tick, built from `leadership` (who may act), `judging`
+  (running the analysis), `steps` (the step state machine) and `publishing` (steps and rollbacks);
+- `service`: `grayagent rollout run` as a service.
 """

@@ -12,8 +12,10 @@ from grayagent.rollout.controller import Controller
 from grayagent.stores.base import Store
 
 
-def serve(store: Store, interval: float, state_dir: Path | None = None) -> None:
-    """Run the controller until SIGTERM/SIGINT; with `state_dir`, audit its publishes there."""
+def serve(store: Store, interval: float, state_dir: Path | None = None,
+          metrics_hosts: frozenset[tuple[str, int | None]] | None = None) -> None:
+    """Run the controller until SIGTERM/SIGINT; with `state_dir`, audit its publishes there; with
+    `metrics_hosts`, query only those Prometheus hosts."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -21,7 +23,7 @@ def serve(store: Store, interval: float, state_dir: Path | None = None) -> None:
     if state_dir is not None:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
         audit = AuditLog(state_dir)
-    controller = Controller(store, interval=interval, audit=audit)
+    controller = Controller(store, interval=interval, audit=audit, metrics_hosts=metrics_hosts)
 
     def ready() -> None:
         sdnotify.notify("READY=1")

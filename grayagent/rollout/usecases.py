@@ -1,0 +1,131 @@
+"""The use cases behind `grayagent rollout start|status|pause|resume|promote|abort`.
+
+They only read the current document and read or write rollout records (compare-and-set); the leading
+controller acts on what they record at its next tick.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from grayagent.errors import GrayagentError, UsageError
+from grayagent.model import Rollout, parse_document
+from grayagent.rollout.document import canary_weight
+from grayagent.rollout.record import RolloutRecord
+from grayagent.stores.base import RecordConflict, RolloutState, Store, VersionRecord
+
+Clock = Callable[[], float]
+ACTIONS = ("pause", "resume", "promote", "abort")
+
+
+class NoRollout(GrayagentError):
+    """No rollout has been started (for a service, or at all)."""
+
+    exit_code = 6
+
+
+def state_of(store: Store) -> RolloutState:
+    if not isinstance(store, RolloutState):
+        raise UsageError(f"--store: {store.url}: this store keeps no rollout state (use a directory or etcd)")
+    return store
+
+
+def current_version(store: Store) -> VersionRecord:
+    record = store.current()
+    if record is None:
+        raise UsageError(f"{store.url}: nothing has been published yet")
+    return record
+
+
+def spec_of(record: VersionRecord, store: Store, service: str) -> Rollout:
+    release = parse_document(record.content, f"{store.url}#{record.version}")
+    try:
+        svc = release.service(service)
+    except KeyError:
+        raise UsageError(f"no service {service!r} in version {record.version}") from None
+    if svc.rollout is None:
+        raise UsageError(f"service {service!r} has no rollout section in version {record.version}")
+    return svc.rollout
+
+
+def read(state: RolloutState, service: str) -> tuple[RolloutRecord | None, int]:
+    data, revision = state.read_record(service)
+    return (RolloutRecord.from_json(data) if data is not None else None), revision
+
+
+def write(state: RolloutState, rec: RolloutRecord, revision: int) -> int:
+    return state.write_record(rec.service, rec.to_json(), revision)
+
+
+def _no_rollout(service: str) -> NoRollout:
+    return NoRollout(f"no rollout of {service!r} has been started (grayagent rollout start {service})")
+
+
+def start(store: Store, service: str, clock: Clock = time.time) -> RolloutRecord:
+    """Begin the rollout defined in the current document; the controller publishes the steps."""
+    state = state_of(store)
+    current = current_version(store)
+    spec = spec_of(current, store, service)
+    existing, revision = read(state, service)
+    if existing is not None and not existing.ended:
+        raise UsageError(f"a rollout of {service!r} is already {existing.phase} "
+                         f"(step {existing.step + 1}/{len(existing.steps)}); abort it first")
+    rec = RolloutRecord(
+        service=service, steps=[s.describe() for s in spec.steps], canary=spec.canary, stable=spec.stable,
+        base_version=current.version, weight=canary_weight(current.content, "current", service, spec.canary),
+        failure_limit=spec.failure_limit, max_duration=spec.max_duration, on_failure=spec.on_failure)
+    rec.event(clock(), f"rollout {service}: started from version {current.version}")
+    write(state, rec, revision)
+    return rec
+
+
+def status(store: Store, service: str | None = None) -> list[RolloutRecord]:
+    """The named rollout, or every one; NoRollout when there is none to show."""
+    state = state_of(store)
+    names = [service] if service else state.record_names()
+    out = []
+    for name in names:
+        rec, _ = read(state, name)
+        if rec is not None:
+            out.append(rec)
+        elif service:
+            raise _no_rollout(service)
+    if not out:
+        raise NoRollout("no rollout has been started (grayagent rollout start SERVICE)")
+    return out
+
+
+def request(store: Store, service: str, action: str, clock: Clock = time.time) -> RolloutRecord:
+    """Write a control request into the record (compare-and-set, retried); the controller acts on it."""
+    if action not in ACTIONS:
+        raise UsageError(f"unknown action {action!r}")
+    state = state_of(store)
+    for _ in range(20):
+        rec, revision = read(state, service)
+        if rec is None:
+            raise _no_rollout(service)
+        if rec.ended:
+            raise UsageError(f"the rollout of {service!r} has already ended: {rec.phase}")
+        if action in ("pause", "resume"):
+            rec.requests["pause"] = action == "pause"
+        else:
+            rec.requests[action] = True
+        rec.event(clock(), f"rollout {service}: {action} requested")
+        try:
+            write(state, rec, revision)
+            return rec
+        except RecordConflict:
+            continue
+    raise UsageError(f"could not record the {action} request: the rollout record keeps changing")
+
+
+def status_stream(store: Store, service: str | None, watch: bool,
+                  every: float = 1.0) -> Iterator[tuple[list[RolloutRecord], float]]:
+    """The records once, or (with watch) every `every` seconds until all of them have ended."""
+    while True:
+        records = status(store, service)
+        yield records, time.time()
+        if not watch or all(r.ended for r in records):
+            return
+        time.sleep(every)
