@@ -699,3 +699,36 @@ def test_a_rollback_whose_target_vanished_falls_back_to_zero(tmp_path: Path) -> 
     ctl.tick()
     rec = store.read_record("product")[0]
     assert rec["phase"] == "aborted" and live_weight(store) == 0 and "cannot revert to version 99" in rec["reason"]
+
+
+OLD_RECORD = {  # as the dict-based controller wrote it, mid-rollback
+    "service": "product", "phase": "rolling-back", "step": 2, "steps": ["weight 10%", "pause 60s", "weight 50%"],
+    "canary": "canary", "stable": "stable", "started_at": 1000.0, "step_started_at": 1061.0, "base_version": 1,
+    "weight": 1000, "failures": 2, "failure_limit": 1, "max_duration": 3600.0, "on_failure": "revert",
+    "analyses": [{"time": 1070.0, "step": 2, "weight": 1000, "result": "fail", "reasons": ["canary 5xx"],
+                  "canary": {"requests": 100, "error_rate": 0.2, "p99_ms": 10.0}, "stable": {}}],
+    "versions": [2], "window": {"sample": {}, "boots": {}}, "last_analysis_at": 1070.0,
+    "requests": {"pause": False}, "events": [{"time": 1000.0, "message": "started"}],
+    "reason": "analysis failed 2 times (failureLimit 1)",
+    "rollback": {"phase": "rolled-back", "canary": "canary", "stable": "stable", "version": 1, "on_failure": "revert"},
+    "note": "a key from a newer controller",
+}
+
+
+def test_records_already_in_a_store_read_and_write_back_unchanged(tmp_path: Path) -> None:
+    rec = RolloutRecord.from_json(json.loads(json.dumps(OLD_RECORD)))
+    assert rec.phase == "rolling-back" and rec.rollback is not None and rec.rollback.version == 1
+    assert rec.to_json() == OLD_RECORD
+    sparse = RolloutRecord.from_json({"service": "product", "phase": "progressing"})
+    assert sparse.step == 0 and sparse.started_at is None and sparse.requests == {} and sparse.rollback is None
+    # The controller completes an old record's rollback as the old controller would have.
+    store = FileStore(str(tmp_path / "store"))
+    store.publish(doc(RAMP), 0, "t", "")
+    current = store.current()
+    assert current is not None
+    store.publish(set_canary_weight(current.content, "c", "product", "canary", "stable", 1000), 1, "t", "")
+    store.write_record("product", OLD_RECORD, 0)
+    Controller(store, interval=1, clock=Clock(), sources=lambda _: Scripted()).tick()
+    done = store.read_record("product")[0]
+    assert done["phase"] == "rolled-back" and live_weight(store) == 0 and done["note"] == OLD_RECORD["note"]
+    assert store.current().meta.message.endswith("revert to version 1")  # type: ignore[union-attr]

@@ -1,4 +1,5 @@
-"""Judging a canary: window deltas over cumulative counters, p99 from histogram buckets, and the verdict."""
+"""Judging a canary: p99 from histogram buckets, the figures of one window, and the verdict (the window
+itself, a difference of cumulative counters, is taken in sources.py)."""
 
 from __future__ import annotations
 
