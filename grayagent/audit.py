@@ -65,22 +65,31 @@ def _read_head(path: Path) -> dict[str, Any] | None:
     return head if isinstance(head, dict) else None
 
 
-def _head_mismatch(head: dict[str, Any] | None, tail: dict[str, Any] | None) -> str | None:
-    """The gap reason when the log's last entry is not the one audit.head names, else None.
+def _head_mismatch(head: dict[str, Any] | None, tail: dict[str, Any] | None,
+                   entry_at: Callable[[int], dict[str, Any] | None]) -> str | None:
+    """The gap reason when the log does not end where audit.head says, else None.
 
-    A head one entry behind, naming the tail's predecessor, is a crash between the log write and the head
-    write (nothing was lost), not a gap.
+    A head behind the tail whose entry is still in the log (`entry_at(seq)`) lost nothing: a crash (or a
+    full disk) came between a log write and its head write.
     """
     tail_seq = int(tail.get("seq", 0)) if tail else 0
     tail_hash = str(tail.get("hash", GENESIS)) if tail else GENESIS
     if head is None:
         return "head_missing" if tail_seq else None
-    if head.get("seq") == tail_seq and head.get("hash") == tail_hash:
-        return None
-    if tail and head.get("seq") == tail_seq - 1 and head.get("hash") == tail.get("prev"):
-        return None
     head_seq = head.get("seq")
-    return "truncated" if isinstance(head_seq, int) and tail_seq < head_seq else "diverged"
+    if head_seq == tail_seq and head.get("hash") == tail_hash:
+        return None
+    if not isinstance(head_seq, int) or isinstance(head_seq, bool):
+        return "diverged"
+    if head_seq > tail_seq:
+        return "truncated"
+    named = entry_at(head_seq) if head_seq > 0 else {"hash": GENESIS}
+    return None if head_seq < tail_seq and named is not None and named.get("hash") == head.get("hash") \
+        else "diverged"
+
+
+def _mark(entry: dict[str, Any] | None) -> dict[str, Any] | None:
+    return {"seq": entry.get("seq"), "hash": entry.get("hash")} if entry else None
 
 
 def _open_gaps(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -140,14 +149,16 @@ class AuditLog:
                 if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn line from a crash: start a new one
                     os.write(fd, b"\n")
                 tail = self._tail(fd)
-                reason = _head_mismatch(_read_head(self.head_path), tail)
+                head = _read_head(self.head_path)
+
+                def entry_at(seq: int) -> dict[str, Any] | None:  # only read when the head is behind
+                    return next((e for e in _readable_entries(self.path) if e.get("seq") == seq), None)
+                reason = _head_mismatch(head, tail, entry_at)
                 if reason is not None:  # never chain silently over a cut: say what was lost first
-                    head = _read_head(self.head_path)
-                    found = {"seq": tail.get("seq"), "hash": tail.get("hash")} if tail else {"seq": 0, "hash": GENESIS}
-                    expected = {"seq": head.get("seq"), "hash": head.get("hash")} if head else None
+                    found = _mark(tail) or {"seq": 0, "hash": GENESIS}
                     log.error("audit log does not match its head; recording a gap", reason=reason,
-                              expected=expected, found=found, path=str(self.path))
-                    tail = self._write(fd, tail, GAP_EVENT, {"reason": reason, "expected": expected, "found": found})
+                              expected=_mark(head), found=found, path=str(self.path))
+                    tail = self._write(fd, tail, GAP_EVENT, {"reason": reason, "expected": _mark(head), "found": found})
                 return self._write(fd, tail, event, fields)
             finally:
                 os.close(fd)  # releases the flock
@@ -253,7 +264,8 @@ def verify(state_dir: Path) -> list[str]:
     elif head is None:
         if seq:
             problems.append(f"{head_path}: missing")
-    elif _head_mismatch(head, tail) is not None:
-        problems.append(f"{path}: the log ends at seq {seq} but audit.head records seq {head.get('seq')} "
-                        "(entries were cut off the end)")
+    elif (reason := _head_mismatch(head, tail, lambda n: next((e for _, e in entries if e.get("seq") == n),
+                                                               None))) is not None:
+        why = "entries were cut off the end" if reason == "truncated" else "its last entries were replaced"
+        problems.append(f"{path}: the log ends at seq {seq} but audit.head records seq {head.get('seq')} ({why})")
     return problems

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from grayagent.audit import AuditLog, read_entries, verify
+from grayagent.audit import AuditLog, entry_hash, read_entries, verify
 from tests.agenthelp import grayagent
 
 
@@ -73,15 +73,47 @@ def test_a_lost_head_and_a_recorded_write_failure_are_gaps(tmp_path: Path) -> No
     assert entry["gaps"] == [2, 4] and verify(tmp_path) == []
 
 
-def test_a_head_one_entry_behind_is_a_crash_not_a_gap(tmp_path: Path) -> None:
+def test_a_head_left_behind_is_a_crash_not_a_gap(tmp_path: Path) -> None:
     audit = AuditLog(tmp_path)
     audit.append("start")
     head = (tmp_path / "audit.head").read_bytes()
     audit.append("apply", version=1)
-    (tmp_path / "audit.head").write_bytes(head)  # killed between the log write and the head write
-    assert verify(tmp_path) == []
     audit.append("apply", version=2)
-    assert [e["event"] for e in read_entries(tmp_path)] == ["start", "apply", "apply"]
+    (tmp_path / "audit.head").write_bytes(head)  # the head writes failed (a crash, a full disk); the log's did not
+    assert verify(tmp_path) == []
+    audit.append("apply", version=3)
+    assert [e["event"] for e in read_entries(tmp_path)] == ["start", "apply", "apply", "apply"]
+    assert verify(tmp_path) == []
+
+
+def test_a_replaced_tail_is_a_gap_too(tmp_path: Path) -> None:
+    audit = AuditLog(tmp_path)
+    for n in range(3):
+        audit.append("apply", version=n)
+    _cut(tmp_path, 1)
+    forged: dict[str, object] = {"seq": 3, "time": "t", "event": "apply", "version": 99,
+                                 "prev": read_entries(tmp_path)[-1]["hash"]}
+    forged["hash"] = entry_hash(forged)  # a forged last entry, chained correctly; the head names the real one
+    with open(tmp_path / "audit.jsonl", "a") as f:
+        f.write(json.dumps(forged) + "\n")
+    assert "its last entries were replaced" in verify(tmp_path)[0]
+    audit.append("start")
+    gap = read_entries(tmp_path)[3]
+    assert gap["event"] == "gap" and gap["reason"] == "diverged"
+
+
+def test_a_cut_found_by_the_ack_itself_stays_open(tmp_path: Path) -> None:
+    audit = AuditLog(tmp_path)
+    for n in range(4):
+        audit.append("apply", version=n)
+    _cut(tmp_path, 1)
+    audit.append("start")           # gap at seq 4
+    audit.append("apply", version=5)
+    _cut(tmp_path, 1)               # cut again before the operator acknowledges
+    entry = audit.acknowledge("seen gap 4", "ops")
+    assert entry["gaps"] == [4]
+    problems = verify(tmp_path)
+    assert len(problems) == 1 and "gap at seq 6 (truncated)" in problems[0]
 
 
 def test_a_torn_last_line_does_not_swallow_the_next_entry(tmp_path: Path) -> None:
