@@ -12,7 +12,7 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from click.core import ParameterSource
@@ -21,6 +21,9 @@ from grayagent import usecases
 from grayagent.errors import GrayagentError, InvalidDocument, UsageError
 from grayagent.routing import Request
 from grayagent.stores import Store, open_store, resolve_store_url
+
+if TYPE_CHECKING:
+    from grayagent.rollout.record import RolloutRecord
 
 OUTPUT = click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text", show_default=True,
                       help="Output format.")
@@ -367,7 +370,7 @@ def _figures(measured: Any) -> str:
     return "  ".join(parts)
 
 
-def format_rollout_status(rec: Any, now: float) -> str:
+def format_rollout_status(rec: RolloutRecord, now: float) -> str:
     """A RolloutRecord for people: the steps with a marker, the weight, the time, each recent analysis.
 
     The clock stops when the rollout ends (it shows the rollout's whole run), and nothing shows None.
@@ -424,7 +427,7 @@ def rollout_status(service: str | None, store_url: str | None, watch: bool, outp
     store = _open(store_url)
     redraw = watch and output == "text" and sys.stdout.isatty()
     shown, rows = "", 0
-    records: list[Any] = []
+    records: list[RolloutRecord] = []
     for records, now in rollout.status_stream(store, service, watch):
         data = [r.to_json() for r in records]
         if output == "json":
