@@ -32,6 +32,8 @@ from grayagent.stores.base import (
 )
 
 SAFETY_POLL_SECONDS = 2.0  # inotify can miss events (NFS, overlay mounts); a cheap re-check covers it
+# watchdog event types that can mean `current` changed (atomic_write renames a temporary file over it).
+CHANGING_EVENTS = frozenset({"created", "modified", "moved", "deleted", "closed"})
 AGENT_ENTRY_TTL = 90.0  # agents re-report at least every 30 s (the resync interval)
 
 
@@ -139,21 +141,42 @@ class FileStore:
 
     # ------------------------------------------------------------------ watching
 
+    def _current_signature(self) -> tuple[int, int, int] | None:
+        """(inode, mtime_ns, size) of `current`: what changes when a publish replaces it; None when absent."""
+        try:
+            st = self.current_path.stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
     def watch(self, handler: WatchHandler, stop: threading.Event) -> None:
         from watchdog.events import FileSystemEvent, FileSystemEventHandler
         from watchdog.observers import Observer
 
         current_name = self.current_path.name
+        signature_lock = threading.Lock()
+        last_signature: list[tuple[int, int, int] | None] = [self._current_signature()]
+
+        def wake_if_changed() -> None:
+            # Readers (this agent's own sync included) open and close `current` too: only a new signature
+            # is a change, or every read would trigger the next one (issue 12: a core spun by an idle agent).
+            signature = self._current_signature()
+            with signature_lock:
+                if signature == last_signature[0]:
+                    return
+                last_signature[0] = signature
+            handler.changed()
 
         class _OnCurrent(FileSystemEventHandler):
             def on_any_event(self, event: FileSystemEvent) -> None:
+                if event.event_type not in CHANGING_EVENTS:
+                    return  # opened, closed-without-write, attrib: a read, not a change
                 paths = (event.src_path, getattr(event, "dest_path", "") or "")
                 if any(os.path.basename(str(p)) == current_name for p in paths):
-                    handler.changed()
+                    wake_if_changed()
 
         observer = None
         reachable: bool | None = None
-        last_seen: tuple[float, int] | None = None
         try:
             while not stop.is_set():
                 ok = self.root.is_dir()
@@ -166,12 +189,7 @@ class FileStore:
                         observer.start()
                     handler.changed()
                 if ok:
-                    with contextlib.suppress(OSError):
-                        st = self.current_path.stat()
-                        seen = (st.st_mtime, st.st_ino)
-                        if last_seen is not None and seen != last_seen:
-                            handler.changed()
-                        last_seen = seen
+                    wake_if_changed()  # the safety poll, for events inotify missed
                 stop.wait(SAFETY_POLL_SECONDS)
         finally:
             if observer is not None:
