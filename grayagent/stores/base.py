@@ -32,6 +32,8 @@ class VersionMeta:
     author: str
     message: str
     digest: str
+    parent_digest: str = ""  # the parent's entry digest (stores/envelope.py); "" starts a chain
+
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)

@@ -7,8 +7,8 @@ URL:  etcd://host:2379[,host2:2379...]/grayagent/<release>[?options]   (etcds://
 Passwords in the URL itself are refused: URLs end up in shell history, logs and audit entries.
 
 Layout under the prefix (stable; other tools may read and write it):
-  versions/<N>    immutable; JSON {"version","parent","created","author","message","digest","content"}, or a
-                  bare rule document written by another tool (its metadata is then derived)
+  versions/<N>    immutable; the version envelope (stores/envelope.py) with "publish_id", or a bare rule
+                  document written by another tool (its metadata is then derived; it starts a chain)
   current         the current version number, as decimal text
   agents/<host>   JSON status of each agent, attached to a lease so it vanishes when the agent dies
 
@@ -37,6 +37,7 @@ from pyetcd.etcdrpc import rpc_pb2 as pb
 from pyetcd.etcdrpc import rpc_pb2_grpc as pbg
 
 from grayagent.errors import Conflict, StoreError, UsageError, VersionNotFound
+from grayagent.stores import envelope
 from grayagent.stores.base import (
     Leadership,
     RecordConflict,
@@ -242,15 +243,10 @@ class EtcdStore:
         raw: bytes = kv.value
         try:
             data = json.loads(raw)
-            if isinstance(data, dict) and {"content", "digest", "version"} <= data.keys():
-                content = str(data["content"]).encode("utf-8")
-                meta = VersionMeta(int(data["version"]), int(data.get("parent", 0)), str(data.get("created", "")),
-                                   str(data.get("author", "")), str(data.get("message", "")), str(data["digest"]))
-                if meta.version != version or digest_of(content) != meta.digest:
-                    raise StoreError(f"{self.url}: versions/{version}: envelope does not match its key or digest")
-                return VersionRecord(meta, content)
         except ValueError:
-            pass
+            data = None
+        if envelope.is_envelope(data):
+            return envelope.decode(data, f"{self.url}: versions/{version}", version)
         # A bare document written by another tool (etcdctl put): derive what the envelope would have said.
         meta = VersionMeta(version, 0, "", "written directly to etcd", f"etcd mod_revision {kv.mod_revision}",
                            digest_of(raw))
@@ -281,18 +277,16 @@ class EtcdStore:
     # ------------------------------------------------------------------ publishing
 
     def publish(self, content: bytes, expected: int, author: str, message: str) -> VersionMeta:
-        try:
-            text = content.decode("utf-8")
-        except UnicodeDecodeError:
-            raise StoreError("documents must be UTF-8") from None
+        envelope.require_utf8(content)
         nonce = uuid.uuid4().hex  # recognises our own write if a retried transaction already committed
         current_key = (self.prefix + "current").encode()
+        parent_digest = envelope.parent_link(self.get, expected)
         for _ in range(10):
             existing = self._range(self.prefix + "versions/", prefix=True, keys_only=True)
             numbers = [int(n) for kv in existing.kvs if (n := kv.key.decode().rsplit("/", 1)[-1]).isdigit()]
             number = max([expected, *numbers]) + 1
-            meta = VersionMeta(number, expected, utc_now(), author, message, digest_of(content))
-            entry = json.dumps({**meta.as_dict(), "content": text, "publish_id": nonce}, ensure_ascii=False)
+            meta = VersionMeta(number, expected, utc_now(), author, message, digest_of(content), parent_digest)
+            entry = envelope.encode(meta, content, publish_id=nonce)
             version_key = f"{self.prefix}versions/{number}".encode()
             if expected == 0:
                 pointer_holds = pb.Compare(key=current_key, target=pb.Compare.VERSION, result=pb.Compare.EQUAL,
@@ -303,7 +297,7 @@ class EtcdStore:
             request = pb.TxnRequest(
                 compare=[pointer_holds, pb.Compare(key=version_key, target=pb.Compare.VERSION,
                                                    result=pb.Compare.EQUAL, version=0)],
-                success=[pb.RequestOp(request_put=pb.PutRequest(key=version_key, value=entry.encode())),
+                success=[pb.RequestOp(request_put=pb.PutRequest(key=version_key, value=entry)),
                          pb.RequestOp(request_put=pb.PutRequest(key=current_key, value=str(number).encode()))])
             def txn(ch: grpc.Channel, md: tuple[tuple[str, str], ...], r: Any = request) -> Any:
                 return pbg.KVStub(ch).Txn(r, timeout=self.config.timeout, metadata=md)

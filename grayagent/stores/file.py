@@ -1,7 +1,7 @@
 """The embedded default store: a local directory.
 
 Layout (stable; other tools may read it):
-    <dir>/versions/<N>.json   immutable; {"version", "parent", "created", "author", "message", "digest", "content"}
+    <dir>/versions/<N>.json   immutable; the version envelope (stores/envelope.py), chained to its parent
     <dir>/current             the current version number and a newline
     <dir>/.lock               flock()ed by publishers, so compare-and-set holds across processes
 """
@@ -21,6 +21,7 @@ from urllib.parse import unquote, urlsplit
 
 from grayagent.errors import Conflict, StoreError, UsageError, VersionNotFound
 from grayagent.fsutil import atomic_write, create_exclusive
+from grayagent.stores import envelope
 from grayagent.stores.base import (
     Leadership,
     RecordConflict,
@@ -73,32 +74,28 @@ class FileStore:
 
     def _load(self, path: Path) -> dict[str, Any]:
         try:
-            data: dict[str, Any] = json.loads(path.read_bytes())
+            data = json.loads(path.read_bytes())
         except FileNotFoundError:
             raise
         except (OSError, ValueError) as exc:
             raise StoreError(f"{path}: unreadable version entry: {exc}") from None
+        if not envelope.is_envelope(data):
+            raise StoreError(f"{path}: not a version envelope")
+        assert isinstance(data, dict)
         return data
-
-    @staticmethod
-    def _meta(data: dict[str, Any]) -> VersionMeta:
-        return VersionMeta(int(data["version"]), int(data["parent"]), str(data["created"]), str(data["author"]),
-                           str(data["message"]), str(data["digest"]))
 
     def current(self) -> VersionRecord | None:
         number = self._read_current_number()
         return self.get(number) if number else None
 
     def get(self, version: int) -> VersionRecord:
+        path = self._version_path(version)
         try:
-            data = self._load(self._version_path(version))
+            data = self._load(path)
         except FileNotFoundError:
             raise VersionNotFound(f"version {version} does not exist in {self.url}") from None
-        content = str(data["content"]).encode("utf-8")
-        record = VersionRecord(self._meta(data), content)
-        if digest_of(content) != record.meta.digest:
-            raise StoreError(f"{self._version_path(version)}: content does not match its digest")
-        return record
+        # The file's own number must be the one asked for: a renamed or swapped file is refused.
+        return envelope.decode(data, str(path), version)
 
     def _version_files(self) -> Iterator[Path]:
         if not self.versions_dir.is_dir():
@@ -106,7 +103,7 @@ class FileStore:
         return (p for p in self.versions_dir.glob("*.json") if p.stem.isdigit())
 
     def history(self) -> list[VersionMeta]:
-        metas = [self._meta(self._load(p)) for p in self._version_files()]
+        metas = [envelope.meta_of(self._load(p), str(p)) for p in self._version_files()]
         return sorted(metas, key=lambda m: m.version)
 
     # ------------------------------------------------------------------ writing
@@ -122,18 +119,16 @@ class FileStore:
             os.close(fd)
 
     def publish(self, content: bytes, expected: int, author: str, message: str) -> VersionMeta:
-        try:
-            text = content.decode("utf-8")
-        except UnicodeDecodeError:
-            raise StoreError("documents must be UTF-8") from None
+        envelope.require_utf8(content)
         with self._locked():
             current = self._read_current_number()
             if current != expected:
                 raise Conflict(expected, current)
             # A crash between writing a version and moving the pointer leaves an orphan; never reuse its number.
             highest = max((int(p.stem) for p in self._version_files()), default=0)
-            meta = VersionMeta(max(highest, current) + 1, current, utc_now(), author, message, digest_of(content))
-            entry = json.dumps({**meta.as_dict(), "content": text}, ensure_ascii=False, indent=1).encode()
+            meta = VersionMeta(max(highest, current) + 1, current, utc_now(), author, message, digest_of(content),
+                               envelope.parent_link(self.get, current))
+            entry = envelope.encode(meta, content, indent=1)
             if not create_exclusive(self._version_path(meta.version), entry):
                 raise StoreError(f"version {meta.version} appeared during publish")
             atomic_write(self.current_path, f"{meta.version}\n".encode())

@@ -12,8 +12,8 @@ needs: Nacos 2.x, or 3.x with `nacos.core.api.compatibility.client.enabled=true`
 admin listing where it is on, else Nacos 3's /v3/admin/cs/config/list.
 
 Layout in <group> of <namespace> (stable; other tools may read and write it):
-  <release>.v<N>      immutable, written once: JSON {"version","parent","created","author","message","digest",
-                      "content","publish_id"}, or a bare rule document written by another tool (metadata derived)
+  <release>.v<N>      immutable, written once: the version envelope (stores/envelope.py) with "publish_id", or
+                      a bare rule document written by another tool (metadata derived; it starts a chain)
   <release>.current   the current version number as decimal text; "0" or missing means nothing published
   naming service <release>.agents, same group: one ephemeral instance per agent (ip = host name, port 1),
                       its status JSON in metadata["grayagent.status"]; heartbeats every 5 s, so it
@@ -75,13 +75,14 @@ import structlog
 from nacos import NacosClient
 
 from grayagent.errors import Conflict, GrayagentError, StoreError, UsageError, VersionNotFound
+from grayagent.stores import envelope
 from grayagent.stores.base import VersionMeta, VersionRecord, WatchHandler, digest_of, utc_now
-from grayagent.stores.urls import parse_store_url
+from grayagent.stores.urls import NACOS_DEFAULT_GROUP, parse_store_url
 
 log = structlog.get_logger("grayagent.nacos")
 T = TypeVar("T")
 
-DEFAULT_GROUP = "GRAYAGENT"
+DEFAULT_GROUP = NACOS_DEFAULT_GROUP
 PASSWORD_ENV = "GRAYAGENT_NACOS_PASSWORD"  # noqa: S105 - the variable's name
 NAME_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 LONG_POLL_MS = 30000           # the server holds a listener request this long when nothing changes (floor 10 s)
@@ -420,17 +421,8 @@ class NacosStore:
             data = json.loads(raw)
         except ValueError:
             data = None
-        if isinstance(data, dict) and {"content", "digest", "version"} <= data.keys():
-            content = str(data["content"]).encode("utf-8")
-            try:
-                meta = VersionMeta(int(data["version"]), int(data.get("parent", 0)), str(data.get("created", "")),
-                                   str(data.get("author", "")), str(data.get("message", "")), str(data["digest"]))
-            except (TypeError, ValueError):
-                raise StoreError(f"{self.url}: {self._version_id(version)}: malformed envelope") from None
-            if meta.version != version or digest_of(content) != meta.digest:
-                raise StoreError(f"{self.url}: {self._version_id(version)}: envelope does not match its dataId "
-                                 "or digest")
-            return VersionRecord(meta, content)
+        if envelope.is_envelope(data):
+            return envelope.decode(data, f"{self.url}: {self._version_id(version)}", version)
         # A bare document written by another tool (console, OpenAPI): derive what the envelope would have said.
         content = raw.encode("utf-8")
         return VersionRecord(VersionMeta(version, 0, "", "written directly to Nacos", "", digest_of(content)),
@@ -573,10 +565,7 @@ class NacosStore:
         return self._parse_pointer(text)
 
     def publish(self, content: bytes, expected: int, author: str, message: str) -> VersionMeta:
-        try:
-            text = content.decode("utf-8")
-        except UnicodeDecodeError:
-            raise StoreError("documents must be UTF-8") from None
+        envelope.require_utf8(content)
         pointer_text = self._read(self.pointer_id)
         actual = self._parse_pointer(pointer_text)
         if actual < expected:
@@ -586,10 +575,11 @@ class NacosStore:
         if actual != expected:
             raise Conflict(expected, actual)  # checked first so that a stale publisher writes no entry
         nonce = uuid.uuid4().hex  # tells our entry from a racer's, when an answer was lost
+        parent_digest = envelope.parent_link(self.get, expected)
         number = expected + 1
         for _ in range(64):
-            meta = VersionMeta(number, expected, utc_now(), author, message, digest_of(content))
-            entry = json.dumps({**meta.as_dict(), "content": text, "publish_id": nonce}, ensure_ascii=False)
+            meta = VersionMeta(number, expected, utc_now(), author, message, digest_of(content), parent_digest)
+            entry = envelope.encode(meta, content, publish_id=nonce).decode("utf-8")
             version_id = self._version_id(number)
             created = self._create_only(version_id, entry, "json", f"publish {version_id}")
             seen = self._wait_read(version_id, lambda t: t is not None, READ_LAG_DEADLINE)
