@@ -100,10 +100,20 @@ def publish(file: str, store_url: str | None, message: str, author: str, expect_
 
 @cli.command()
 @_store_option()
+@click.option("--verify", is_flag=True, help="Check the whole history's hash chain instead of listing it; "
+                                             "exit 1 naming the first broken version.")
 @OUTPUT
-def history(store_url: str | None, output: str) -> None:
+def history(store_url: str | None, verify: bool, output: str) -> None:
     """List every version: number, time, author, message, digest, parent."""
-    metas = _open(store_url).history()
+    store = _open(store_url)
+    if verify:
+        breaks = usecases.history_breaks(store)
+        _emit(output, {"intact": not breaks, "breaks": [{"version": b.version, "reason": b.reason} for b in breaks]},
+              "\n".join(str(b) for b in breaks) if breaks else f"{store.url}: history intact")
+        if breaks:
+            sys.exit(1)
+        return
+    metas = store.history()
     if output == "json":
         click.echo(json.dumps([m.as_dict() for m in metas]))
         return
