@@ -148,7 +148,9 @@ def build_target(options: AgentOptions) -> Target:
 
 def build_agent(options: AgentOptions) -> Agent:
     assert options.state_dir is not None
-    store = open_store(resolve_store_url(options.store))
+    # A vanished directory store this host has cached versions of is served from the cache; an unknown one is
+    # refused (a mistyped path).
+    store = open_store(resolve_store_url(options.store), cached_in=Path(options.state_dir))
     settings = AgentSettings(state_dir=Path(options.state_dir), min_apply_interval=options.min_apply_interval,
                              host=options.host, status_interval=options.status_interval)
     return Agent(store, build_target(options), settings)
