@@ -11,6 +11,8 @@ Layout under the prefix (stable; other tools may read and write it):
                   document written by another tool (its metadata is then derived; it starts a chain)
   current         the current version number, as decimal text
   agents/<host>   JSON status of each agent, attached to a lease so it vanishes when the agent dies
+  rollouts/<name> rollout records, compare-and-set on their mod_revision; rollouts/.leader: the leading
+                  controller, on a lease
 
 Client: the gRPC stubs and protobufs generated in `etcd-sdk-python` (module pyetcd), driven directly.
 pyetcd's own client parks an endpoint for 300 s after one UNAVAILABLE, never re-subscribes a broken

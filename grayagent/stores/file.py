@@ -4,6 +4,10 @@ Layout (stable; other tools may read it):
     <dir>/versions/<N>.json   immutable; the version envelope (stores/envelope.py), chained to its parent
     <dir>/current             the current version number and a newline
     <dir>/.lock               flock()ed by publishers, so compare-and-set holds across processes
+    <dir>/agents/<host>.json  each agent's status, with an expiry time (a directory has no leases)
+    <dir>/rollouts/<name>.json  rollout records, compare-and-set on a revision under .lock
+    <dir>/rollouts/.leader    flock()ed by the leading rollout controller
+A directory that does not exist is not a store (stores.open_store): only publish creates one.
 """
 
 from __future__ import annotations

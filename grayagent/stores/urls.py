@@ -4,6 +4,8 @@
 
 A password written into the URL is refused: URLs end up in shell history, process lists, logs and audit
 entries. It comes from password_file= or the store's environment variable instead.
+
+Also `store_identity`: which store any URL names (directory stores too), for keying the agent's cache.
 """
 
 from __future__ import annotations
