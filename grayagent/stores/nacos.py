@@ -158,6 +158,13 @@ class NacosStore:
             raise VersionNotFound(f"version {version} does not exist in {self.url}")
         return self._decode(version, raw)
 
+    def _get_settled(self, version: int) -> VersionRecord:
+        """get(), waiting out the read lag: a parent that the pointer already names exists."""
+        raw = self._wait_read(self._version_id(version), lambda t: t is not None, READ_LAG_DEADLINE)
+        if raw is None:
+            raise VersionNotFound(f"version {version} does not exist in {self.url}")
+        return self._decode(version, raw)
+
     def _entries(self) -> dict[int, str]:
         """Every version entry's raw content, from the group listing (read from the database, no lag)."""
         found: dict[int, str] = {}
@@ -283,7 +290,7 @@ class NacosStore:
         if actual != expected:
             raise Conflict(expected, actual)  # checked first so that a stale publisher writes no entry
         nonce = uuid.uuid4().hex  # tells our entry from a racer's, when an answer was lost
-        parent_digest = envelope.parent_link(self.get, expected)
+        parent_digest = envelope.parent_link(self._get_settled, expected)
         number = expected + 1
         for _ in range(64):
             meta = VersionMeta(number, expected, utc_now(), author, message, digest_of(content), parent_digest)
