@@ -106,3 +106,17 @@ def test_versions_published_before_chaining_start_a_chain(tmp_path: Path) -> Non
     assert verify_chain(store) == []
     forge(store_dir, 3, content=store.get(2).content.decode())  # the old head is now vouched for by version 4
     assert [b.version for b in verify_chain(store)] == [4]
+
+
+def test_a_fix_can_still_be_published_on_a_damaged_current_version(tmp_path: Path) -> None:
+    store_dir, store = publish_three(tmp_path)
+    path = version_file(store_dir, 3)
+    path.write_text(path.read_text().replace('"content": "', '"content": "# edited\\n', 1))  # digest now wrong
+    fix = tmp_path / "fix.yaml"
+    fix.write_bytes(store.get(1).content)
+    done = grayagent("publish", str(fix), "--store", str(store_dir), "--expect-version", "3", "-m", "incident fix")
+    assert done.returncode == 0, done.stderr
+    assert store.get(4).meta.parent_digest == "", "a damaged parent cannot be vouched for: a new chain starts"
+    breaks = grayagent("history", "--verify", "--store", str(store_dir))
+    assert breaks.returncode == 1 and breaks.stdout.splitlines() == [
+        f"version 3: {path}: content does not match its digest"]

@@ -16,10 +16,18 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import structlog
+
 from grayagent.errors import StoreError, VersionNotFound
 from grayagent.stores.base import VersionMeta, VersionRecord, digest_of
 
+log = structlog.get_logger("grayagent.stores")
+
 REQUIRED_KEYS = frozenset({"version", "digest", "content"})
+
+
+class DamagedVersion(StoreError):
+    """A stored version that does not read back as itself: malformed, another version's, or not its digest."""
 
 
 def require_utf8(content: bytes) -> str:
@@ -48,7 +56,7 @@ def meta_of(data: dict[str, Any], where: str) -> VersionMeta:
                            str(data.get("author", "")), str(data.get("message", "")), str(data["digest"]),
                            str(data.get("parent_digest") or ""))
     except (KeyError, TypeError, ValueError):
-        raise StoreError(f"{where}: malformed version envelope") from None
+        raise DamagedVersion(f"{where}: malformed version envelope") from None
 
 
 def decode(data: dict[str, Any], where: str, version: int | None = None) -> VersionRecord:
@@ -59,9 +67,9 @@ def decode(data: dict[str, Any], where: str, version: int | None = None) -> Vers
     meta = meta_of(data, where)
     content = str(data["content"]).encode("utf-8")
     if version is not None and meta.version != version:
-        raise StoreError(f"{where}: holds version {meta.version}, not {version}")
+        raise DamagedVersion(f"{where}: holds version {meta.version}, not {version}")
     if digest_of(content) != meta.digest:
-        raise StoreError(f"{where}: content does not match its digest")
+        raise DamagedVersion(f"{where}: content does not match its digest")
     return VersionRecord(meta, content)
 
 
@@ -70,9 +78,9 @@ def loads(raw: bytes | str, where: str, version: int | None = None) -> VersionRe
     try:
         data = json.loads(raw)
     except ValueError as exc:
-        raise StoreError(f"{where}: unreadable version entry: {exc}") from None
+        raise DamagedVersion(f"{where}: unreadable version entry: {exc}") from None
     if not is_envelope(data):
-        raise StoreError(f"{where}: not a version envelope")
+        raise DamagedVersion(f"{where}: not a version envelope")
     return decode(data, where, version)
 
 
@@ -83,11 +91,16 @@ def entry_digest(meta: VersionMeta) -> str:
 
 
 def parent_link(get: Callable[[int], VersionRecord], parent: int) -> str:
-    """The `parent_digest` for a new version on `parent` (0: none). A damaged parent refuses the publish,
-    since chaining onto it would hide the damage; a parent that does not exist starts a new chain."""
+    """The `parent_digest` for a new version on `parent` (0: none).
+
+    A parent that is missing or damaged cannot be vouched for: the new version starts a chain, so that a
+    revert can still be published in an incident, and `history --verify` keeps reporting the damaged
+    version itself. Any other error (the store unreachable) fails the publish: a link must not be dropped
+    for a transient reason."""
     if parent <= 0:
         return ""
     try:
         return entry_digest(get(parent).meta)
-    except VersionNotFound:
+    except (VersionNotFound, DamagedVersion) as exc:
+        log.warning("parent version cannot be vouched for; the new version starts a chain", error=str(exc))
         return ""

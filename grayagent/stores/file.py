@@ -97,10 +97,12 @@ class FileStore:
             data = json.loads(path.read_bytes())
         except FileNotFoundError:
             raise
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"{path}: unreadable version entry: {exc}") from None
+        except OSError as exc:
+            raise StoreError(f"{path}: unreadable version entry: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise envelope.DamagedVersion(f"{path}: unreadable version entry: {exc}") from None
         if not envelope.is_envelope(data):
-            raise StoreError(f"{path}: not a version envelope")
+            raise envelope.DamagedVersion(f"{path}: not a version envelope")
         assert isinstance(data, dict)
         return data
 
