@@ -79,7 +79,7 @@ def run(target: str, changes: int, interval: float, work: Path, load: bool = Tru
     servers = {n: [f"127.0.0.1:{b.port}"] for n, b in backends.items()}
     port = free_port()
     store_dir = work / "store"
-    store = open_store(str(store_dir))
+    store = open_store(str(store_dir), publishing=True)  # a new store: its first publish creates it
     proxy: Any
     live: Callable[[], tuple[int, str] | None]
     if target == "envoy":

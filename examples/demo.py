@@ -65,6 +65,7 @@ def main() -> None:
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir()
     store = WORK / "store"
+    store.mkdir()  # an empty store: the agent waits for its first version (a missing one is refused as a typo)
     backends = [Backend("stable", STABLE).start(), Backend("canary", CANARY).start()]
     nginx = NginxInstance(WORK / "nginx").start()
     agent = subprocess.Popen([sys.executable, "-m", "grayagent.cli", "agent", "--store", str(store),

@@ -31,14 +31,12 @@ from grayagent.fsutil import RENDERED_MODE, atomic_write
 from grayagent.model import parse_document
 from grayagent.observe import AgentMetrics
 from grayagent.rollout.traffic import TrafficCollector, TrafficSource
-from grayagent.stores.base import FleetStatus, Store, VersionMeta, VersionRecord, digest_of, utc_now
+from grayagent.stores.base import FleetStatus, Store, VersionRecord, digest_of, utc_now
+from grayagent.stores.localcache import load_cache, save_cache
 from grayagent.targets.base import ApplyResult, Target
 
 log = structlog.get_logger("grayagent.agent")
 
-CACHE_FILE = "last-good.json"
-CACHE_DIR = "cache"
-CACHE_KEEP = 20
 PIN_FILE = "pinned.json"  # written by `grayagent local-revert`: the agent applies nothing from the store
 STATUS_FILE = "status.json"
 DRIFT_GRACE = 2.0  # seconds after an apply before the proxy's live version is compared with it
@@ -122,52 +120,12 @@ class StatusReporter:
         self._thread.join(timeout=5)
 
 
-def save_cache(state_dir: Path, record: VersionRecord) -> None:
-    """last-good.json for start-up without the store, and cache/<N>.json for a break-glass local revert."""
-    entry = json.dumps({**record.meta.as_dict(), "content": record.content.decode("utf-8")},
-                       ensure_ascii=False).encode()
-    atomic_write(state_dir / CACHE_DIR / f"{record.version:010d}.json", entry, RENDERED_MODE)
-    atomic_write(state_dir / CACHE_FILE, entry, RENDERED_MODE)
-    for old in sorted((state_dir / CACHE_DIR).glob("*.json"))[:-CACHE_KEEP]:
-        old.unlink(missing_ok=True)
-
-
-def cached_versions(state_dir: Path) -> list[VersionRecord]:
-    """The versions this host applied recently, oldest first."""
-    out = []
-    for path in sorted((state_dir / CACHE_DIR).glob("*.json")):
-        record = _read_record(path)
-        if record is not None:
-            out.append(record)
-    return out
-
-
 def read_pin(state_dir: Path) -> dict[str, Any] | None:
     try:
         pin = json.loads((state_dir / PIN_FILE).read_bytes())
     except (OSError, ValueError):
         return None
     return pin if isinstance(pin, dict) else None
-
-
-def load_cache(state_dir: Path) -> VersionRecord | None:
-    return _read_record(state_dir / CACHE_FILE)
-
-
-def _read_record(path: Path) -> VersionRecord | None:
-    try:
-        data = json.loads(path.read_bytes())
-        content = str(data.pop("content")).encode("utf-8")
-        meta = VersionMeta(**data)
-    except FileNotFoundError:
-        return None
-    except (ValueError, TypeError, KeyError) as exc:
-        log.warning("cache unreadable; ignoring it", path=str(path), error=str(exc))
-        return None
-    if digest_of(content) != meta.digest:
-        log.warning("cache digest mismatch; ignoring it", path=str(path))
-        return None
-    return VersionRecord(meta, content)
 
 
 class Agent:
@@ -263,7 +221,7 @@ class Agent:
         if record is False or record is None:
             # Store down, or empty (a wiped directory): keep serving, from the cache if nothing is applied yet.
             if self.status.applied_version is None:
-                cached = load_cache(self.settings.state_dir)
+                cached = load_cache(self.settings.state_dir, self.store.url)
                 if cached is not None:
                     self.status.serving_from_cache = True
                     self._apply(cached, source="cache")
@@ -342,7 +300,7 @@ class Agent:
             if source in ("store", "drift"):
                 self.status.serving_from_cache = False
                 try:
-                    save_cache(self.settings.state_dir, record)
+                    save_cache(self.settings.state_dir, self.store.url, record)
                 except OSError as exc:  # the proxy already serves it; a full disk must not stop the agent
                     log.error("could not cache the applied version", version=version, error=str(exc))
             self._audit("apply", **base, result="ok", steps_ms=steps)

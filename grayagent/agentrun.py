@@ -148,7 +148,9 @@ def build_target(options: AgentOptions) -> Target:
 
 def build_agent(options: AgentOptions) -> Agent:
     assert options.state_dir is not None
-    store = open_store(resolve_store_url(options.store))
+    # A vanished directory store this host has cached versions of is served from the cache; an unknown one is
+    # refused (a mistyped path).
+    store = open_store(resolve_store_url(options.store), cached_in=Path(options.state_dir))
     settings = AgentSettings(state_dir=Path(options.state_dir), min_apply_interval=options.min_apply_interval,
                              host=options.host, status_interval=options.status_interval)
     return Agent(store, build_target(options), settings)
@@ -239,12 +241,13 @@ def serve(options: AgentOptions, reload_options: Callable[[], AgentOptions]) -> 
 
 def local_versions(options: AgentOptions) -> list[dict[str, Any]]:
     """What a break-glass revert can restore: the versions this host applied recently."""
-    from grayagent.agent import cached_versions, read_pin
+    from grayagent.agent import read_pin
+    from grayagent.stores.localcache import cached_versions
 
     assert options.state_dir is not None
     pin = read_pin(Path(options.state_dir))
     return [{**r.meta.as_dict(), "pinned": bool(pin and pin.get("version") == r.version)}
-            for r in cached_versions(Path(options.state_dir))]
+            for r in cached_versions(Path(options.state_dir), options.store)]
 
 
 def local_revert(options: AgentOptions, version: int, reason: str) -> dict[str, Any]:
@@ -253,14 +256,15 @@ def local_revert(options: AgentOptions, version: int, reason: str) -> dict[str, 
     For when the store is down or serving a bad version. The pin stops the agent from applying store
     versions until `unpin`; publish a proper `grayagent revert` once the store is back, then unpin.
     """
-    from grayagent.agent import PIN_FILE, cached_versions
+    from grayagent.agent import PIN_FILE
     from grayagent.audit import AuditLog
     from grayagent.fsutil import atomic_write
     from grayagent.model import parse_document
+    from grayagent.stores.localcache import cached_versions
 
     assert options.state_dir is not None
     state = Path(options.state_dir)
-    records = {r.version: r for r in cached_versions(state)}
+    records = {r.version: r for r in cached_versions(state, options.store)}
     if version not in records:
         known = ", ".join(map(str, sorted(records))) or "none"
         raise UsageError(f"version {version} is not in {state / 'cache'} (cached: {known})")

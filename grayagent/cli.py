@@ -93,20 +93,34 @@ def validate(files: tuple[str, ...], output: str) -> None:
 @click.option("--author", default=_default_author, help="Who publishes (default: user@host).")
 @click.option("--expect-version", type=click.IntRange(min=0), default=None,
               help="Publish only if the current version is N (compare-and-set); default: the version read now.")
+@click.option("--create", is_flag=True,
+              help="Create the directory store, parents included, if it does not exist. Without it, publish "
+                   "creates a new directory store only inside a parent directory that exists.")
 @OUTPUT
 def publish(file: str, store_url: str | None, message: str, author: str, expect_version: int | None,
-            output: str) -> None:
+            create: bool, output: str) -> None:
     """Publish FILE as a new immutable version; prints its number."""
-    meta = usecases.publish(_open(store_url), file, author, message, expect_version)
+    store = open_store(resolve_store_url(store_url), publishing=True, create=create)
+    meta = usecases.publish(store, file, author, message, expect_version)
     _emit(output, meta.as_dict(), str(meta.version))
 
 
 @cli.command()
 @_store_option()
+@click.option("--verify", is_flag=True, help="Check the whole history's hash chain instead of listing it; "
+                                             "exit 1 naming the first broken version.")
 @OUTPUT
-def history(store_url: str | None, output: str) -> None:
+def history(store_url: str | None, verify: bool, output: str) -> None:
     """List every version: number, time, author, message, digest, parent."""
-    metas = _open(store_url).history()
+    store = _open(store_url)
+    if verify:
+        breaks = usecases.history_breaks(store)
+        _emit(output, {"intact": not breaks, "breaks": [{"version": b.version, "reason": b.reason} for b in breaks]},
+              "\n".join(str(b) for b in breaks) if breaks else f"{store.url}: history intact")
+        if breaks:
+            sys.exit(1)
+        return
+    metas = store.history()
     if output == "json":
         click.echo(json.dumps([m.as_dict() for m in metas]))
         return

@@ -15,6 +15,7 @@ from grayagent.model import Release, parse_document
 from grayagent.routing import Decision, Request, route
 from grayagent.stores import Store
 from grayagent.stores.base import FleetStatus, VersionMeta, VersionRecord
+from grayagent.stores.chain import ChainBreak, require_intact, verify_chain
 
 
 def read_file(path: str) -> bytes:
@@ -62,12 +63,18 @@ def diff(store: Store, a: int, b: int) -> str:
 
 
 def revert(store: Store, version: int, author: str, message: str | None) -> VersionMeta:
-    """Publish a new version whose content equals `version`; history stays append-only."""
-    old = store.get(version)
+    """Publish a new version whose content equals `version`; history stays append-only.
+
+    A version the history chain shows as possibly edited is refused: a revert must not republish a forgery."""
+    old = require_intact(store, version)
     parse_document(old.content, f"{store.url}#{version}")
     current = store.current()
     expected = current.version if current else 0
     return store.publish(old.content, expected, author, message or f"revert to version {version}")
+
+
+def history_breaks(store: Store) -> list[ChainBreak]:
+    return verify_chain(store)
 
 
 def load_release(store: Store | None, version: int | None, file: str | None) -> Release:

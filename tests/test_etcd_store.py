@@ -13,6 +13,7 @@ import pytest
 
 from grayagent.agent import Agent
 from grayagent.errors import Conflict
+from grayagent.stores.base import digest_of
 from grayagent.stores.etcd import EtcdStore
 from tests.agenthelp import Client, grayagent, running_agent, wait_live
 from tests.docs import document, dump, service
@@ -96,6 +97,16 @@ def test_cli_publish_history_show_diff_revert_and_conflict(tmp_path: Path, etcd1
     # the layout is plain keys that other tools can read
     assert etcd1.get(f"{PREFIX}/current") == "3"
     assert json.loads(etcd1.get(f"{PREFIX}/versions/3"))["parent"] == 2
+    # The chain: intact, until another tool rewrites version 2 with a recomputed digest (issue 12.10).
+    assert grayagent("history", "--verify", "--store", store_url).returncode == 0
+    forged = json.loads(etcd1.get(f"{PREFIX}/versions/2"))
+    forged["content"] = first.read_text()
+    forged["digest"] = digest_of(forged["content"].encode())
+    etcd1.put(f"{PREFIX}/versions/2", json.dumps(forged))
+    broken = grayagent("history", "--verify", "--store", store_url)
+    assert broken.returncode == 1 and broken.stdout.startswith("version 3: parent_digest does not match version 2")
+    assert grayagent("revert", "2", "--store", store_url).returncode == 1
+    assert etcd1.get(f"{PREFIX}/current") == "3"
 
 
 def test_concurrent_publishers_exactly_one_wins_per_parent(etcd1: EtcdCluster) -> None:

@@ -184,6 +184,15 @@ def test_cli_publish_history_show_diff_revert_and_conflict(tmp_path: Path, nacos
     assert read(nacos, "cli.current") == "3"
     entry = json.loads(read(nacos, "cli.v3") or "{}")
     assert (entry["version"], entry["parent"], entry["content"]) == (3, 2, first.read_text())
+    # The chain: intact, until another tool rewrites version 2 with a recomputed digest (issue 12.10).
+    assert run("history", "--verify").returncode == 0
+    forged = json.loads(read(nacos, "cli.v2") or "{}")
+    forged["content"] = first.read_text()
+    forged["digest"] = digest_of(forged["content"].encode())
+    put(nacos, "cli.v2", json.dumps(forged))
+    wait_until(lambda: run("history", "--verify").returncode == 1, 20, "the forged version to be read back")
+    assert runs[-1].stdout.startswith("version 3: parent_digest does not match version 2")
+    assert run("revert", "2").returncode == 1 and read(nacos, "cli.current") == "3"
     assert_no_secrets(nacos, *(r.stdout + r.stderr for r in runs))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from pathlib import Path
 
 from grayagent.errors import UsageError
 from grayagent.stores.base import Store, VersionMeta, VersionRecord, WatchHandler, digest_of
@@ -26,7 +27,12 @@ def resolve_store_url(url: str | None) -> str:
     return resolved
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, *, publishing: bool = False, create: bool = False, cached_in: Path | None = None) -> Store:
+    """The store a URL names. A directory store must exist (a mistyped path is an error naming it), except:
+    - `publishing`: `publish` may create it when its parent directory exists, or anywhere with `create`;
+    - `cached_in`: an agent's state dir holding cached versions of this store: the store existed and
+      vanished (a lost mount), and the agent serves its last-good version from the cache meanwhile.
+    An empty etcd or Nacos prefix is a store where nothing was published yet, not an error."""
     scheme = url.split("://", 1)[0] if "://" in url else "file"
     target = BACKENDS.get(scheme)
     if target is None:
@@ -40,4 +46,9 @@ def open_store(url: str) -> Store:
         raise UsageError(f"--store: the {scheme} store needs its client: pip install 'grayagent[{extra}]' "
                          f"({exc.name} is missing)") from None
     store: Store = getattr(module, class_name)(url)
+    if scheme == "file":
+        from grayagent.stores.file import FileStore
+
+        assert isinstance(store, FileStore)
+        store.require_present(publishing=publishing, create=create, cached_in=cached_in)
     return store

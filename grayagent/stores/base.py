@@ -1,4 +1,6 @@
-"""The Store protocol: five methods, one backend per module.
+"""The Store protocol (current, get, history, publish, watch, close) and the optional FleetStatus and
+RolloutState protocols. Each backend is one class (stores/file.py, etcd.py, nacos.py), with its parts in
+modules beside it; the version envelope every backend writes is in stores/envelope.py.
 
 A store holds immutable, numbered versions of one release's rule document and a pointer to the current one.
 Versions count up from 1; version 0 means "nothing published yet". Stores do not validate documents:
@@ -32,6 +34,8 @@ class VersionMeta:
     author: str
     message: str
     digest: str
+    parent_digest: str = ""  # the parent's entry digest (stores/envelope.py); "" starts a chain
+
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)

@@ -1,9 +1,13 @@
 """The embedded default store: a local directory.
 
 Layout (stable; other tools may read it):
-    <dir>/versions/<N>.json   immutable; {"version", "parent", "created", "author", "message", "digest", "content"}
+    <dir>/versions/<N>.json   immutable; the version envelope (stores/envelope.py), chained to its parent
     <dir>/current             the current version number and a newline
     <dir>/.lock               flock()ed by publishers, so compare-and-set holds across processes
+    <dir>/agents/<host>.json  each agent's status, with an expiry time (a directory has no leases)
+    <dir>/rollouts/<name>.json  rollout records, compare-and-set on a revision under .lock
+    <dir>/rollouts/.leader    flock()ed by the leading rollout controller
+A directory that does not exist is not a store (stores.open_store): only publish creates one.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from urllib.parse import unquote, urlsplit
 
 from grayagent.errors import Conflict, StoreError, UsageError, VersionNotFound
 from grayagent.fsutil import atomic_write, create_exclusive
+from grayagent.stores import envelope, localcache
 from grayagent.stores.base import (
     Leadership,
     RecordConflict,
@@ -32,6 +37,8 @@ from grayagent.stores.base import (
 )
 
 SAFETY_POLL_SECONDS = 2.0  # inotify can miss events (NFS, overlay mounts); a cheap re-check covers it
+# watchdog event types that can mean `current` changed (atomic_write renames a temporary file over it).
+CHANGING_EVENTS = frozenset({"created", "modified", "moved", "deleted", "closed"})
 AGENT_ENTRY_TTL = 90.0  # agents re-report at least every 30 s (the resync interval)
 
 
@@ -53,6 +60,22 @@ class FileStore:
         self.versions_dir = self.root / "versions"
         self.current_path = self.root / "current"
 
+    def require_present(self, *, publishing: bool, create: bool, cached_in: Path | None) -> None:
+        """Refuse a store directory that does not exist (see stores.open_store for the exceptions)."""
+        if self.root.is_dir():
+            return
+        if self.root.exists():
+            raise UsageError(f"--store: {self.root}: not a directory")
+        if publishing:
+            if create or self.root.parent.is_dir():
+                return
+            raise UsageError(f"--store: {self.root}: no such directory, nor its parent {self.root.parent}; "
+                             "check the path, or give publish --create to make both")
+        if cached_in is not None and localcache.cache_dir(cached_in, self.url).is_dir():
+            return
+        raise UsageError(f"--store: {self.root}: no such store directory (check the path; "
+                         "`grayagent publish` creates a store)")
+
     # ------------------------------------------------------------------ reading
 
     def _read_current_number(self) -> int:
@@ -71,32 +94,30 @@ class FileStore:
 
     def _load(self, path: Path) -> dict[str, Any]:
         try:
-            data: dict[str, Any] = json.loads(path.read_bytes())
+            data = json.loads(path.read_bytes())
         except FileNotFoundError:
             raise
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"{path}: unreadable version entry: {exc}") from None
+        except OSError as exc:
+            raise StoreError(f"{path}: unreadable version entry: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise envelope.DamagedVersion(f"{path}: unreadable version entry: {exc}") from None
+        if not envelope.is_envelope(data):
+            raise envelope.DamagedVersion(f"{path}: not a version envelope")
+        assert isinstance(data, dict)
         return data
-
-    @staticmethod
-    def _meta(data: dict[str, Any]) -> VersionMeta:
-        return VersionMeta(int(data["version"]), int(data["parent"]), str(data["created"]), str(data["author"]),
-                           str(data["message"]), str(data["digest"]))
 
     def current(self) -> VersionRecord | None:
         number = self._read_current_number()
         return self.get(number) if number else None
 
     def get(self, version: int) -> VersionRecord:
+        path = self._version_path(version)
         try:
-            data = self._load(self._version_path(version))
+            data = self._load(path)
         except FileNotFoundError:
             raise VersionNotFound(f"version {version} does not exist in {self.url}") from None
-        content = str(data["content"]).encode("utf-8")
-        record = VersionRecord(self._meta(data), content)
-        if digest_of(content) != record.meta.digest:
-            raise StoreError(f"{self._version_path(version)}: content does not match its digest")
-        return record
+        # The file's own number must be the one asked for: a renamed or swapped file is refused.
+        return envelope.decode(data, str(path), version)
 
     def _version_files(self) -> Iterator[Path]:
         if not self.versions_dir.is_dir():
@@ -104,7 +125,7 @@ class FileStore:
         return (p for p in self.versions_dir.glob("*.json") if p.stem.isdigit())
 
     def history(self) -> list[VersionMeta]:
-        metas = [self._meta(self._load(p)) for p in self._version_files()]
+        metas = [envelope.meta_of(self._load(p), str(p)) for p in self._version_files()]
         return sorted(metas, key=lambda m: m.version)
 
     # ------------------------------------------------------------------ writing
@@ -120,18 +141,16 @@ class FileStore:
             os.close(fd)
 
     def publish(self, content: bytes, expected: int, author: str, message: str) -> VersionMeta:
-        try:
-            text = content.decode("utf-8")
-        except UnicodeDecodeError:
-            raise StoreError("documents must be UTF-8") from None
+        envelope.require_utf8(content)
         with self._locked():
             current = self._read_current_number()
             if current != expected:
                 raise Conflict(expected, current)
             # A crash between writing a version and moving the pointer leaves an orphan; never reuse its number.
             highest = max((int(p.stem) for p in self._version_files()), default=0)
-            meta = VersionMeta(max(highest, current) + 1, current, utc_now(), author, message, digest_of(content))
-            entry = json.dumps({**meta.as_dict(), "content": text}, ensure_ascii=False, indent=1).encode()
+            meta = VersionMeta(max(highest, current) + 1, current, utc_now(), author, message, digest_of(content),
+                               envelope.parent_link(self.get, current))
+            entry = envelope.encode(meta, content, indent=1)
             if not create_exclusive(self._version_path(meta.version), entry):
                 raise StoreError(f"version {meta.version} appeared during publish")
             atomic_write(self.current_path, f"{meta.version}\n".encode())
@@ -139,21 +158,42 @@ class FileStore:
 
     # ------------------------------------------------------------------ watching
 
+    def _current_signature(self) -> tuple[int, int, int] | None:
+        """(inode, mtime_ns, size) of `current`: what changes when a publish replaces it; None when absent."""
+        try:
+            st = self.current_path.stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
     def watch(self, handler: WatchHandler, stop: threading.Event) -> None:
         from watchdog.events import FileSystemEvent, FileSystemEventHandler
         from watchdog.observers import Observer
 
         current_name = self.current_path.name
+        signature_lock = threading.Lock()
+        last_signature: list[tuple[int, int, int] | None] = [self._current_signature()]
+
+        def wake_if_changed() -> None:
+            # Readers (this agent's own sync included) open and close `current` too: only a new signature
+            # is a change, or every read would trigger the next one (issue 12: a core spun by an idle agent).
+            signature = self._current_signature()
+            with signature_lock:
+                if signature == last_signature[0]:
+                    return
+                last_signature[0] = signature
+            handler.changed()
 
         class _OnCurrent(FileSystemEventHandler):
             def on_any_event(self, event: FileSystemEvent) -> None:
+                if event.event_type not in CHANGING_EVENTS:
+                    return  # opened, closed-without-write, attrib: a read, not a change
                 paths = (event.src_path, getattr(event, "dest_path", "") or "")
                 if any(os.path.basename(str(p)) == current_name for p in paths):
-                    handler.changed()
+                    wake_if_changed()
 
         observer = None
         reachable: bool | None = None
-        last_seen: tuple[float, int] | None = None
         try:
             while not stop.is_set():
                 ok = self.root.is_dir()
@@ -166,12 +206,7 @@ class FileStore:
                         observer.start()
                     handler.changed()
                 if ok:
-                    with contextlib.suppress(OSError):
-                        st = self.current_path.stat()
-                        seen = (st.st_mtime, st.st_ino)
-                        if last_seen is not None and seen != last_seen:
-                            handler.changed()
-                        last_seen = seen
+                    wake_if_changed()  # the safety poll, for events inotify missed
                 stop.wait(SAFETY_POLL_SECONDS)
         finally:
             if observer is not None:

@@ -4,6 +4,8 @@
 
 A password written into the URL is refused: URLs end up in shell history, process lists, logs and audit
 entries. It comes from password_file= or the store's environment variable instead.
+
+Also `store_identity`: which store any URL names (directory stores too), for keying the agent's cache.
 """
 
 from __future__ import annotations
@@ -72,3 +74,25 @@ def parse_store_url(url: str, *, example: str, password_env: str, options: froze
         raise UsageError(f"{where}: timeout: between 0 and 300 seconds")
     own = {k: v for k, v in query.items() if k in options}
     return StoreURL(parts.scheme, where, endpoints, unquote(parts.path).strip("/"), own, user, password, timeout)
+
+
+NACOS_DEFAULT_GROUP = "GRAYAGENT"
+
+
+def store_identity(url: str) -> str:
+    """Which store a URL names, whoever wrote it: no user, secrets, timeouts or TLS files, endpoints sorted,
+    defaults filled in. Equal for a raw --store URL and the store's own `url`; needs no secret to compute,
+    so break-glass tools can find a store's cache while the store (and its password) is unavailable."""
+    from grayagent.stores.file import path_from_url  # a late import: file.py imports nothing of this module
+
+    scheme = url.split("://", 1)[0] if "://" in url else "file"
+    if scheme == "file":
+        return f"file://{path_from_url(url).resolve()}"
+    parts = urlsplit(url)
+    endpoints = ",".join(sorted(e.strip() for e in parts.netloc.rsplit("@", 1)[-1].split(",") if e.strip()))
+    path = unquote(parts.path).strip("/")
+    query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+    if scheme == "nacos":
+        namespace = "" if query.get("namespace") == "public" else query.get("namespace", "")
+        return f"nacos://{endpoints}/{path}?namespace={namespace}&group={query.get('group') or NACOS_DEFAULT_GROUP}"
+    return f"{'etcd' if scheme == 'etcds' else scheme}://{endpoints}/{path}"

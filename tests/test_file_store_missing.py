@@ -1,0 +1,58 @@
+"""A mistyped directory store is an error naming the path (issue 13.3); only publish creates a store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.agenthelp import grayagent
+from tests.docs import document, dump, service
+
+
+@pytest.fixture
+def doc(tmp_path: Path) -> Path:
+    path = tmp_path / "doc.yaml"
+    path.write_bytes(dump(document(service())))
+    return path
+
+
+def one_line_naming(done, path: Path) -> None:  # type: ignore[no-untyped-def]
+    assert done.returncode != 0, done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0], done.stderr
+
+
+@pytest.mark.parametrize("command", [
+    ["agent", "--once", "--nginx-conf", "/nonexistent/ga.conf"],
+    ["history"], ["history", "--verify"], ["status"], ["show"], ["show", "1"], ["revert", "1"],
+    ["rollout", "status"],
+])
+def test_every_command_but_publish_refuses_a_missing_store(tmp_path: Path, doc: Path, command: list[str]) -> None:
+    real = tmp_path / "gray" / "store"
+    assert grayagent("publish", str(doc), "--store", str(real), "--create").returncode == 0
+    typo = tmp_path / "gray" / "stroe"
+    extra = ["--state-dir", str(tmp_path / "state")] if command[0] == "agent" else []
+    done = grayagent(*command, "--store", str(typo), *extra)
+    one_line_naming(done, typo)
+    assert not typo.exists(), "nothing is created at a mistyped path"
+
+
+def test_publish_creates_a_store_only_in_an_existing_parent_or_with_create(tmp_path: Path, doc: Path) -> None:
+    deep = tmp_path / "no" / "such" / "store"
+    refused = grayagent("publish", str(doc), "--store", str(deep))
+    one_line_naming(refused, deep)
+    assert "--create" in refused.stderr and not (tmp_path / "no").exists()
+    assert grayagent("publish", str(doc), "--store", str(deep), "--create").returncode == 0
+    assert (deep / "current").read_text() == "1\n"
+    beside = tmp_path / "store"  # its parent exists: an ordinary first publish
+    assert grayagent("publish", str(doc), "--store", str(beside)).returncode == 0
+    assert grayagent("history", "--store", str(beside)).returncode == 0
+    assert "--create" in grayagent("publish", "--help").stdout
+
+
+def test_a_store_path_that_is_a_file_is_refused(tmp_path: Path, doc: Path) -> None:
+    not_dir = tmp_path / "store"
+    not_dir.write_text("")
+    one_line_naming(grayagent("history", "--store", str(not_dir)), not_dir)
+    one_line_naming(grayagent("publish", str(doc), "--store", str(not_dir)), not_dir)
