@@ -1,0 +1,267 @@
+"""The semantic stage: checks the schema cannot express, while building the frozen model from schema-valid data."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from decimal import Decimal, InvalidOperation
+from typing import Any, cast
+
+from grayagent.docload import format_path
+from grayagent.errors import Problem
+from grayagent.modeldata import (
+    Analysis,
+    CidrCondition,
+    Condition,
+    Field,
+    IPNetwork,
+    Listen,
+    MatchKind,
+    PrometheusQueries,
+    Release,
+    Rollout,
+    RolloutStep,
+    Rule,
+    Service,
+    Split,
+    StringMatch,
+    Upstream,
+    ValueCondition,
+)
+from grayagent.regexsubset import check_portable_regex
+
+
+def parse_weight(value: Any) -> int | None:
+    """A percentage with at most two decimals, as hundredths; None when it has more decimals."""
+    try:
+        dec = Decimal(str(value))
+    except InvalidOperation:
+        return None
+    hundredths = dec * 100
+    if hundredths != hundredths.to_integral_value():
+        return None
+    return int(hundredths)
+
+
+DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """'500ms', '30s', '5m', '1h' (decimals allowed) as seconds; raises ValueError otherwise."""
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)", text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration like 30s, 5m or 1h")
+    return float(match.group(1)) * DURATION_UNITS[match.group(2)]
+
+
+def parse_listen(value: int | str) -> Listen | None:
+    if isinstance(value, int):
+        return Listen("", value) if 1 <= value <= 65535 else None
+    host, _, port_text = value.rpartition(":")
+    if not host:
+        port = int(value)
+        return Listen("", port) if 1 <= port <= 65535 else None
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        return None
+    host = host[1:-1] if host.startswith("[") else host
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return Listen(str(addr), port)
+
+
+def _check_server(server: str) -> str | None:
+    host, _, port_text = server.rpartition(":")
+    if not 1 <= int(port_text) <= 65535:
+        return f"port {port_text} is out of range"
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return f"{host} is not an IPv6 address"
+    return None
+
+
+class ReleaseChecker:
+    """Collects semantic problems while building the model from schema-valid data."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.problems: list[Problem] = []
+
+    def problem(self, path: Iterable[str | int], message: str) -> None:
+        self.problems.append(Problem(self.source, format_path(path), message))
+
+    def string_match(self, raw: dict[str, Any], path: list[str | int]) -> StringMatch:
+        kind, value = next(iter(raw.items()))
+        if kind == "present":
+            return StringMatch("present", (), bool(value))
+        if kind == "in":
+            return StringMatch("in", tuple(value))
+        if kind == "regex":
+            error = check_portable_regex(value)
+            if error:
+                self.problem([*path, "regex"], error)
+        return StringMatch(cast(MatchKind, kind), (value,))
+
+    def rule(self, raw: dict[str, Any], path: list[str | int], upstreams: set[str]) -> Rule:
+        match = raw["match"]
+        conditions: list[Condition] = []
+        for kind, key in (("header", "headers"), ("cookie", "cookies"), ("query", "query")):
+            for name, matcher in match.get(key, {}).items():
+                field = Field(kind, name.lower() if kind == "header" else name)  # type: ignore[arg-type]
+                conditions.append(ValueCondition(field, self.string_match(matcher, [*path, "match", key, name])))
+        if "path" in match:
+            conditions.append(ValueCondition(Field("path"), self.string_match(match["path"], [*path, "match", "path"])))
+        if "sourceCIDRs" in match:
+            networks: list[IPNetwork] = []
+            for i, cidr in enumerate(match["sourceCIDRs"]):
+                try:
+                    networks.append(ipaddress.ip_network(cidr, strict=True))
+                except ValueError as exc:
+                    self.problem([*path, "match", "sourceCIDRs", i], str(exc))
+            conditions.append(CidrCondition(tuple(networks)))
+        headers_seen: set[str] = set()
+        for name in match.get("headers", {}):
+            if name.lower() in headers_seen:
+                self.problem([*path, "match", "headers", name], "header names are case-insensitive; listed twice")
+            headers_seen.add(name.lower())
+        if raw["to"] not in upstreams:
+            self.problem([*path, "to"], f"unknown upstream {raw['to']!r}")
+        return Rule(raw["name"], tuple(conditions), raw["to"])
+
+    def split(self, raw: dict[str, Any], path: list[str | int], service: str, upstreams: set[str]) -> Split:
+        key: Field | None = None
+        if "key" in raw:
+            kind, name = next(iter(raw["key"].items()))
+            key = Field(kind, name.lower() if kind == "header" else name)
+        weights: list[tuple[str, int]] = []
+        for name, value in raw["weights"].items():
+            if name not in upstreams:
+                self.problem([*path, "weights", name], f"unknown upstream {name!r}")
+            hundredths = parse_weight(value)
+            if hundredths is None:
+                self.problem([*path, "weights", name], f"{value} has more than two decimals")
+                continue
+            weights.append((name, hundredths))
+        total = sum(w for _, w in weights)
+        if len(weights) == len(raw["weights"]) and total != 10000:
+            self.problem([*path, "weights"], f"weights sum to {Decimal(total) / 100}, not 100")
+        return Split(key, raw.get("salt", service), tuple(weights), raw.get("whenKeyMissing", "default"))
+
+    def service(self, raw: dict[str, Any], path: list[str | int]) -> Service:
+        listen = parse_listen(raw["listen"])
+        if listen is None:
+            self.problem([*path, "listen"], f"{raw['listen']!r} is not a port or an address:port")
+            listen = Listen("", 1)
+        upstreams = tuple(Upstream(name, tuple(up["servers"])) for name, up in raw["upstreams"].items())
+        names = {u.name for u in upstreams}
+        for up in upstreams:
+            for i, server in enumerate(up.servers):
+                error = _check_server(server)
+                if error:
+                    self.problem([*path, "upstreams", up.name, "servers", i], error)
+        if raw["default"] not in names:
+            self.problem([*path, "default"], f"unknown upstream {raw['default']!r}")
+        rules: list[Rule] = []
+        seen_rules: set[str] = set()
+        for i, rule_raw in enumerate(raw.get("rules", [])):
+            if rule_raw["name"] in seen_rules:
+                self.problem([*path, "rules", i, "name"], f"duplicate rule name {rule_raw['name']!r}")
+            seen_rules.add(rule_raw["name"])
+            rules.append(self.rule(rule_raw, [*path, "rules", i], names))
+        split = self.split(raw["split"], [*path, "split"], raw["name"], names) if "split" in raw else None
+        rollout = None
+        if "rollout" in raw:
+            rollout = self.rollout(raw["rollout"], [*path, "rollout"], raw["default"], names, split)
+        return Service(raw["name"], listen, tuple(h.lower() for h in raw.get("hosts", [])), upstreams,
+                       raw["default"], tuple(rules), split, rollout)
+
+    def rollout(self, raw: dict[str, Any], path: list[str | int], default: str, upstreams: set[str],
+                split: Split | None) -> Rollout:
+        canary, stable = raw["canary"], raw.get("stable", default)
+        for key, name in (("canary", canary), ("stable", stable)):
+            if name not in upstreams:
+                self.problem([*path, key], f"unknown upstream {name!r}")
+        if canary == stable:
+            self.problem([*path, "canary"], f"the canary and the stable upstream are both {canary!r}")
+        # The controller only rewrites split weights, so the split must exist and name both upstreams.
+        others = 0
+        if split is None:
+            self.problem(path, "a rollout ramps the service's split; add a split whose weights name "
+                               f"{stable!r} and {canary!r}")
+        else:
+            named = {n for n, _ in split.weights}
+            for name in (stable, canary):
+                if name not in named:
+                    self.problem([*path[:-1], "split", "weights"], f"the rollout needs a weight for {name!r}")
+            others = sum(w for n, w in split.weights if n not in (stable, canary))
+        steps: list[RolloutStep] = []
+        for i, step in enumerate(raw["steps"]):
+            if "weight" in step:
+                hundredths = parse_weight(step["weight"])
+                if hundredths is None:
+                    self.problem([*path, "steps", i, "weight"], f"{step['weight']} has more than two decimals")
+                    continue
+                if hundredths + others > 10000:
+                    self.problem([*path, "steps", i, "weight"],
+                                 f"{step['weight']}% plus the other upstreams' {Decimal(others) / 100}% exceeds 100")
+                steps.append(RolloutStep(weight=hundredths))
+            elif step["pause"] == "manual":
+                steps.append(RolloutStep(manual=True))
+            else:
+                steps.append(RolloutStep(pause=parse_duration(step["pause"])))
+        analysis = self.analysis(raw["analysis"], [*path, "analysis"]) if "analysis" in raw else None
+        max_duration = parse_duration(raw["maxDuration"]) if "maxDuration" in raw else None
+        return Rollout(canary, stable, tuple(steps), analysis, int(raw.get("failureLimit", 0)), max_duration,
+                       raw.get("onFailure", "revert"))
+
+    def analysis(self, raw: dict[str, Any], path: list[str | int]) -> Analysis:
+        interval = parse_duration(raw["interval"])
+        if interval < 0.1:
+            self.problem([*path, "interval"], "shorter than 100ms")
+        relative = raw.get("relativeTo") == "stable"
+        factors = [k for k in ("maxErrorRateFactor", "maxP99LatencyFactor") if k in raw]
+        if relative and not factors:
+            self.problem([*path, "relativeTo"], "give maxErrorRateFactor or maxP99LatencyFactor to compare with")
+        for key in factors:
+            if not relative:
+                self.problem([*path, key], "needs relativeTo: stable")
+        checks = [k for k in ("maxErrorRate", "maxP99LatencyMs", *factors) if k in raw]
+        if not checks:
+            self.problem(path, "give at least one threshold: maxErrorRate, maxP99LatencyMs, or a factor")
+        prom = raw.get("prometheus")
+        queries = None
+        if prom is not None:
+            queries = PrometheusQueries(prom["url"], prom["errorRateQuery"], prom.get("p99Query"),
+                                        prom.get("requestsQuery"))
+            if "maxP99LatencyMs" in raw and queries.p99_query is None:
+                self.problem([*path, "prometheus"], "maxP99LatencyMs needs a p99Query")
+        return Analysis(interval, int(raw.get("minRequests", 0)), raw.get("maxErrorRate"), raw.get("maxP99LatencyMs"),
+                        relative, raw.get("maxErrorRateFactor"), raw.get("maxP99LatencyFactor"), queries)
+
+    def release(self, data: dict[str, Any]) -> Release:
+        services: list[Service] = []
+        seen: set[str] = set()
+        bindings: dict[tuple[int, str], str] = {}
+        for i, raw in enumerate(data["spec"]["services"]):
+            path: list[str | int] = ["spec", "services", i]
+            if raw["name"] in seen:
+                self.problem([*path, "name"], f"duplicate service name {raw['name']!r}")
+            seen.add(raw["name"])
+            svc = self.service(raw, path)
+            for host in svc.hosts or ("",):
+                # One listen port is one socket in the proxy: services may share it only with distinct hosts.
+                binding = (svc.listen.port, host)
+                if binding in bindings:
+                    shown = f"host {host!r}" if host else "no hosts (catch-all)"
+                    owner = bindings[binding]
+                    self.problem([*path, "hosts" if host else "listen"],
+                                 f"port {svc.listen.port} with {shown} is already used by service {owner!r}")
+                bindings[binding] = svc.name
+            services.append(svc)
+        return Release(data["metadata"]["name"], tuple(services))
+
