@@ -73,7 +73,11 @@ def parse_listen(value: int | str) -> Listen | None:
     return Listen(str(addr), port)
 
 
-def _check_server(server: str) -> str | None:
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0[xX][0-9A-Fa-f]*")
+
+
+def check_server(server: str) -> str | None:
+    """None for an IP literal or a DNS name that no proxy or resolver can read as anything else."""
     host, _, port_text = server.rpartition(":")
     if not 1 <= int(port_text) <= 65535:
         return f"port {port_text} is out of range"
@@ -82,6 +86,17 @@ def _check_server(server: str) -> str | None:
             ipaddress.IPv6Address(host[1:-1])
         except ValueError:
             return f"{host} is not an IPv6 address"
+        return None
+    if host.lower() == "unix":
+        # nginx reads `server unix:...` (any case) as a UNIX-socket path; Envoy would resolve a host "unix".
+        return f"{host!r} is not allowed as a host: nginx reads {server!r} as a UNIX-socket path"
+    if _NUMERIC_LABEL.fullmatch(host.rsplit(".", 1)[-1]):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            # inet_aton and many resolvers read 127.1, 0x7f.1 or 2130706433 as IPv4; DNS names never end
+            # in a numeric label (RFC 3696 section 2).
+            return f"{host!r} is neither an IPv4 address (four decimal numbers 0-255, no leading zeros) nor a DNS name"
     return None
 
 
@@ -161,7 +176,7 @@ class ReleaseChecker:
         names = {u.name for u in upstreams}
         for up in upstreams:
             for i, server in enumerate(up.servers):
-                error = _check_server(server)
+                error = check_server(server)
                 if error:
                     self.problem([*path, "upstreams", up.name, "servers", i], error)
         if raw["default"] not in names:
