@@ -100,27 +100,81 @@ def check_server(server: str) -> str | None:
     return None
 
 
-class ReleaseChecker:
-    """Collects semantic problems while building the model from schema-valid data."""
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# Request headers the proxies own: Envoy strips x-envoy-* from external requests, grayagent's filters set
+# x-grayagent-*. A rule on them would match in one target and not the other, or could be spoofed.
+_RESERVED_HEADERS = {"x-envoy-": "Envoy removes x-envoy-* headers from external requests, so nginx and Envoy "
+                                 "would route differently",
+                     "x-grayagent-": "x-grayagent-* headers are grayagent's own (its filters set them)"}
 
-    def __init__(self, source: str) -> None:
+
+def value_problem(kind: str, match_kind: str, value: str) -> str | None:
+    """Why a request could never carry `value` in a field of `kind`; None when it can."""
+    bad = _CONTROL.search(value)
+    if bad:
+        return (f"contains the control character {bad.group()!r}, which no request can carry (RFC 9110 field "
+                "values and request targets exclude it), so this could never match")
+    if kind == "header":
+        if value[0] in " \t":
+            return "starts with a space or tab; proxies strip them from header values, so this could never match"
+        if match_kind != "prefix" and value[-1] in " \t":
+            return "ends with a space or tab; proxies strip them from header values, so this could never match"
+    if kind == "cookie" and ";" in value:
+        return "contains ';', which ends a cookie value, so this could never match"
+    if kind == "query" and "&" in value:
+        return "contains '&', which ends a query parameter, so this could never match"
+    if kind == "path" and "?" in value:
+        return "contains '?', where the path ends; match the query string with query:"
+    return None
+
+
+def reserved_header_problem(name: str) -> str | None:
+    lowered = name.lower()
+    return next((why for prefix, why in _RESERVED_HEADERS.items() if lowered.startswith(prefix)), None)
+
+
+class _Reporter:
+    """Checks of one part of the document, reporting into a shared problem list."""
+
+    def __init__(self, source: str, problems: list[Problem]) -> None:
         self.source = source
-        self.problems: list[Problem] = []
+        self.problems = problems
 
     def problem(self, path: Iterable[str | int], message: str) -> None:
         self.problems.append(Problem(self.source, format_path(path), message))
 
-    def string_match(self, raw: dict[str, Any], path: list[str | int]) -> StringMatch:
-        kind, value = next(iter(raw.items()))
-        if kind == "present":
+
+class MatchChecker(_Reporter):
+    """A rule's match: string matchers, header names, source CIDRs."""
+
+    def string_match(self, raw: dict[str, Any], path: list[str | int], kind: str) -> StringMatch:
+        match_kind, value = next(iter(raw.items()))
+        if match_kind == "present":
             return StringMatch("present", (), bool(value))
-        if kind == "in":
-            return StringMatch("in", tuple(value))
-        if kind == "regex":
+        if match_kind == "regex":
             error = check_portable_regex(value)
             if error:
                 self.problem([*path, "regex"], error)
-        return StringMatch(cast(MatchKind, kind), (value,))
+            return StringMatch("regex", (value,))
+        values = tuple(value) if match_kind == "in" else (value,)
+        for i, text in enumerate(values):
+            error = value_problem(kind, match_kind, text)
+            if error:
+                self.problem([*path, match_kind, i] if match_kind == "in" else [*path, match_kind], error)
+        return StringMatch(cast(MatchKind, match_kind), values)
+
+    def cidrs(self, raw: list[str], path: list[str | int]) -> CidrCondition:
+        networks: list[IPNetwork] = []
+        for i, cidr in enumerate(raw):
+            if "%" in cidr:
+                # nginx's geo refuses a zone index, while Envoy and the simulator would drop it: the modes diverge.
+                self.problem([*path, i], f"{cidr} has a zone index (%...); give the network without it")
+                continue
+            try:
+                networks.append(ipaddress.ip_network(cidr, strict=True))
+            except ValueError as exc:
+                self.problem([*path, i], str(exc))
+        return CidrCondition(tuple(networks))
 
     def rule(self, raw: dict[str, Any], path: list[str | int], upstreams: set[str]) -> Rule:
         match = raw["match"]
@@ -128,31 +182,42 @@ class ReleaseChecker:
         for kind, key in (("header", "headers"), ("cookie", "cookies"), ("query", "query")):
             for name, matcher in match.get(key, {}).items():
                 field = Field(kind, name.lower() if kind == "header" else name)  # type: ignore[arg-type]
-                conditions.append(ValueCondition(field, self.string_match(matcher, [*path, "match", key, name])))
+                matcher_path = [*path, "match", key, name]
+                conditions.append(ValueCondition(field, self.string_match(matcher, matcher_path, kind)))
         if "path" in match:
-            conditions.append(ValueCondition(Field("path"), self.string_match(match["path"], [*path, "match", "path"])))
+            conditions.append(ValueCondition(Field("path"),
+                                             self.string_match(match["path"], [*path, "match", "path"], "path")))
         if "sourceCIDRs" in match:
-            networks: list[IPNetwork] = []
-            for i, cidr in enumerate(match["sourceCIDRs"]):
-                try:
-                    networks.append(ipaddress.ip_network(cidr, strict=True))
-                except ValueError as exc:
-                    self.problem([*path, "match", "sourceCIDRs", i], str(exc))
-            conditions.append(CidrCondition(tuple(networks)))
+            conditions.append(self.cidrs(match["sourceCIDRs"], [*path, "match", "sourceCIDRs"]))
         headers_seen: set[str] = set()
         for name in match.get("headers", {}):
             if name.lower() in headers_seen:
                 self.problem([*path, "match", "headers", name], "header names are case-insensitive; listed twice")
             headers_seen.add(name.lower())
+            reserved = reserved_header_problem(name)
+            if reserved:
+                self.problem([*path, "match", "headers", name], f"cannot match on it: {reserved}")
         if raw["to"] not in upstreams:
             self.problem([*path, "to"], f"unknown upstream {raw['to']!r}")
         return Rule(raw["name"], tuple(conditions), raw["to"])
+
+
+class ReleaseChecker(_Reporter):
+    """Collects semantic problems while building the model from schema-valid data."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__(source, [])
+        self.matches = MatchChecker(source, self.problems)
+        self.rollouts = RolloutChecker(source, self.problems)
 
     def split(self, raw: dict[str, Any], path: list[str | int], service: str, upstreams: set[str]) -> Split:
         key: Field | None = None
         if "key" in raw:
             kind, name = next(iter(raw["key"].items()))
             key = Field(kind, name.lower() if kind == "header" else name)
+            reserved = reserved_header_problem(name) if kind == "header" else None
+            if reserved:
+                self.problem([*path, "key", "header"], f"cannot split on it: {reserved}")
         weights: list[tuple[str, int]] = []
         for name, value in raw["weights"].items():
             if name not in upstreams:
@@ -172,6 +237,10 @@ class ReleaseChecker:
         if listen is None:
             self.problem([*path, "listen"], f"{raw['listen']!r} is not a port or an address:port")
             listen = Listen("", 1)
+        elif ":" in listen.host and ipaddress.IPv6Address(listen.host).ipv4_mapped is not None:
+            mapped = ipaddress.IPv6Address(listen.host).ipv4_mapped
+            self.problem([*path, "listen"], f"{raw['listen']!r} is an IPv4-mapped IPv6 address, which nginx cannot "
+                                            f"bind; write {mapped}:{listen.port}")
         upstreams = tuple(Upstream(name, tuple(up["servers"])) for name, up in raw["upstreams"].items())
         names = {u.name for u in upstreams}
         for up in upstreams:
@@ -187,13 +256,39 @@ class ReleaseChecker:
             if rule_raw["name"] in seen_rules:
                 self.problem([*path, "rules", i, "name"], f"duplicate rule name {rule_raw['name']!r}")
             seen_rules.add(rule_raw["name"])
-            rules.append(self.rule(rule_raw, [*path, "rules", i], names))
+            rules.append(self.matches.rule(rule_raw, [*path, "rules", i], names))
         split = self.split(raw["split"], [*path, "split"], raw["name"], names) if "split" in raw else None
         rollout = None
         if "rollout" in raw:
-            rollout = self.rollout(raw["rollout"], [*path, "rollout"], raw["default"], names, split)
+            rollout = self.rollouts.rollout(raw["rollout"], [*path, "rollout"], raw["default"], names, split)
         return Service(raw["name"], listen, tuple(h.lower() for h in raw.get("hosts", [])), upstreams,
                        raw["default"], tuple(rules), split, rollout)
+
+    def release(self, data: dict[str, Any]) -> Release:
+        services: list[Service] = []
+        seen: set[str] = set()
+        bindings: dict[tuple[int, str], str] = {}
+        for i, raw in enumerate(data["spec"]["services"]):
+            path: list[str | int] = ["spec", "services", i]
+            if raw["name"] in seen:
+                self.problem([*path, "name"], f"duplicate service name {raw['name']!r}")
+            seen.add(raw["name"])
+            svc = self.service(raw, path)
+            for host in svc.hosts or ("",):
+                # One listen port is one socket in the proxy: services may share it only with distinct hosts.
+                binding = (svc.listen.port, host)
+                if binding in bindings:
+                    shown = f"host {host!r}" if host else "no hosts (catch-all)"
+                    owner = bindings[binding]
+                    self.problem([*path, "hosts" if host else "listen"],
+                                 f"port {svc.listen.port} with {shown} is already used by service {owner!r}")
+                bindings[binding] = svc.name
+            services.append(svc)
+        return Release(data["metadata"]["name"], tuple(services))
+
+
+class RolloutChecker(_Reporter):
+    """A service's rollout section: steps against the split, and the analysis thresholds."""
 
     def rollout(self, raw: dict[str, Any], path: list[str | int], default: str, upstreams: set[str],
                 split: Split | None) -> Rollout:
@@ -257,26 +352,3 @@ class ReleaseChecker:
                 self.problem([*path, "prometheus"], "maxP99LatencyMs needs a p99Query")
         return Analysis(interval, int(raw.get("minRequests", 0)), raw.get("maxErrorRate"), raw.get("maxP99LatencyMs"),
                         relative, raw.get("maxErrorRateFactor"), raw.get("maxP99LatencyFactor"), queries)
-
-    def release(self, data: dict[str, Any]) -> Release:
-        services: list[Service] = []
-        seen: set[str] = set()
-        bindings: dict[tuple[int, str], str] = {}
-        for i, raw in enumerate(data["spec"]["services"]):
-            path: list[str | int] = ["spec", "services", i]
-            if raw["name"] in seen:
-                self.problem([*path, "name"], f"duplicate service name {raw['name']!r}")
-            seen.add(raw["name"])
-            svc = self.service(raw, path)
-            for host in svc.hosts or ("",):
-                # One listen port is one socket in the proxy: services may share it only with distinct hosts.
-                binding = (svc.listen.port, host)
-                if binding in bindings:
-                    shown = f"host {host!r}" if host else "no hosts (catch-all)"
-                    owner = bindings[binding]
-                    self.problem([*path, "hosts" if host else "listen"],
-                                 f"port {svc.listen.port} with {shown} is already used by service {owner!r}")
-                bindings[binding] = svc.name
-            services.append(svc)
-        return Release(data["metadata"]["name"], tuple(services))
-
