@@ -90,11 +90,18 @@ def validate(files: tuple[str, ...], output: str) -> None:
 @click.option("--author", default=_default_author, help="Who publishes (default: user@host).")
 @click.option("--expect-version", type=click.IntRange(min=0), default=None,
               help="Publish only if the current version is N (compare-and-set); default: the version read now.")
+@click.option("--check", "checks", type=click.Choice(["nginx", "envoy"]), multiple=True,
+              help="Also run the proxy's own checker (nginx -t, envoy --mode validate) on the rendered "
+                   "document before it becomes current. Repeatable.")
+@click.option("--nginx-bin", default=None, help="nginx binary for --check nginx (default nginx).")
+@click.option("--envoy-bin", default=None, help="envoy binary for --check envoy (default envoy).")
 @OUTPUT
 def publish(file: str, store_url: str | None, message: str, author: str, expect_version: int | None,
-            output: str) -> None:
+            checks: tuple[str, ...], nginx_bin: str | None, envoy_bin: str | None, output: str) -> None:
     """Publish FILE as a new immutable version; prints its number."""
-    meta = usecases.publish(_open(store_url), file, author, message, expect_version)
+    binaries = {"nginx": nginx_bin, "envoy": envoy_bin}
+    meta = usecases.publish(_open(store_url), file, author, message, expect_version,
+                            [(proxy, binaries[proxy]) for proxy in dict.fromkeys(checks)])
     _emit(output, meta.as_dict(), str(meta.version))
 
 
