@@ -133,6 +133,27 @@ def reserved_header_problem(name: str) -> str | None:
     return next((why for prefix, why in _RESERVED_HEADERS.items() if lowered.startswith(prefix)), None)
 
 
+def reserved_listen_problems(release: Release, source: str, reserved: dict[str, str]) -> list[Problem]:
+    """Services that would listen on one of the agent's own addresses (flag -> "host:port", e.g. the
+    status and verify listens). The document cannot know them, so the agent, which does, asks."""
+    problems: list[Problem] = []
+    for flag, address in reserved.items():
+        taken = parse_listen(address) if address.rpartition(":")[2].isdigit() else None
+        if taken is None:
+            continue
+        for i, svc in enumerate(release.services):
+            overlaps = not taken.host or not svc.listen.host or _unspecified(taken.host) \
+                or _unspecified(svc.listen.host) or taken.host == svc.listen.host
+            if svc.listen.port == taken.port and overlaps:
+                problems.append(Problem(source, f"spec.services[{i}].listen",
+                                        f"{svc.listen} is the agent's own {flag} address {address}"))
+    return problems
+
+
+def _unspecified(host: str) -> bool:
+    return ipaddress.ip_address(host).is_unspecified
+
+
 class _Reporter:
     """Checks of one part of the document, reporting into a shared problem list."""
 

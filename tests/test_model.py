@@ -147,3 +147,14 @@ def test_split_key_on_a_reserved_header_and_mapped_listen_are_refused() -> None:
     doc = document(service(listen="[::ffff:127.0.0.1]:8080"))
     assert problems(doc) == ["doc.yaml: spec.services[0].listen: '[::ffff:127.0.0.1]:8080' is an IPv4-mapped IPv6 "
                              "address, which nginx cannot bind; write 127.0.0.1:8080"]
+
+
+def test_reserved_listen_problems_name_the_service_on_the_agents_own_ports() -> None:
+    from grayagent.model import reserved_listen_problems
+
+    release = parse_document(dump(document(service(listen=9180), service(name="b", listen="127.0.0.2:18089"),
+                                           service(name="c", listen="127.0.0.1:8081"))), "doc.yaml")
+    reserved = {"--status-listen": "127.0.0.1:9180", "--verify-listen": "127.0.0.1:18089"}
+    assert [str(p) for p in reserved_listen_problems(release, "doc.yaml", reserved)] == [
+        "doc.yaml: spec.services[0].listen: 9180 is the agent's own --status-listen address 127.0.0.1:9180"]
+    assert len(reserved_listen_problems(release, "doc.yaml", {"--verify-listen": "0.0.0.0:18089"})) == 1
