@@ -95,3 +95,23 @@ def test_documents_nginx_would_refuse_are_refused_before_publish(tmp_path: Path,
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"{path}: {expected}"), done.stderr
     assert not (tmp_path / "store" / "current").exists()
+
+
+@pytest.mark.parametrize("mode", ["reload", "dynamic"])
+def test_a_running_nginx_applies_long_hosts_in_both_modes(tmp_path: Path, mode: str) -> None:
+    from grayagent.stores.base import digest_of
+    from tests.agenthelp import dynamic_target, nginx_target
+    from tests.servers.nginx import NginxInstance, lua_available
+    from tests.servers.proc import free_port
+
+    if mode == "dynamic" and not lua_available():
+        pytest.skip("lua-nginx-module is not installed")
+    content = dump(document(service(listen=f"127.0.0.1:{free_port()}", hosts=[HOST_195, *LONG_WILDCARDS[:99]])))
+    nginx = NginxInstance(tmp_path / "nginx", lua=mode == "dynamic").start()
+    try:
+        target = dynamic_target(nginx) if mode == "dynamic" else nginx_target(nginx)
+        release = parse_document(content, "doc.json")
+        result = target.apply(target.render(release, 1, digest_of(content)), 1, digest_of(content))
+        assert result.ok, result.error
+    finally:
+        nginx.stop()
