@@ -89,7 +89,7 @@ def check_portable_regex(pattern: str) -> str | None:
     flags = parsed.state.flags & ~re.DEBUG
     if flags & ~_ALLOWED_FLAGS:
         return "only the inline flags i, m and s are portable"
-    ignore_case = bool(flags & re.IGNORECASE) or "(?i" in pattern
+    ignore_case = bool(flags & re.IGNORECASE) or re.search(r"\(\?[a-z]*i[a-z-]*[:)]", pattern) is not None
     error = _walk(parsed) or _Backtracking(ignore_case, "|" in pattern).problem(list(parsed))
     if error is None:
         try:
