@@ -16,7 +16,7 @@ from tests.docs import document, dump, service
 EXPONENTIAL = [
     r"(a+)+$", r"(a|aa)*$", r"(x*)*y", r"(.*a){12}",                # the four
     r"(\w+\s?)+$", r"(a|b|ab)*c", r"(\w|\d)+!", r"((ab)+)+", r"(a{1,3})+", r"(?i)(A|a)+", r"(a?a)+",
-    r"^(([a-z])+.)+[A-Z]([a-z])+$", r"(x+x+)+y",
+    r"^(([a-z])+.)+[A-Z]([a-z])+$", r"(x+x+)+y", r"(?mi)(A|a)+",
 ]
 SAFE_LOOK_ALIKES = [
     r"a+b+", r"(ab)+", r"[a-z]+\.x", r"(\d+\.){3}\d+", r"(\.(com|co))+", r"(a|ab)*", r"^/api/v[0-9]+/",
