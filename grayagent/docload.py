@@ -234,7 +234,7 @@ class _YamlBuilder:
         node = yaml.ScalarNode(tag, event.value)
         try:
             value = loader.construct_object(node)
-        except (yaml.YAMLError, ValueError) as exc:
+        except (yaml.YAMLError, ValueError, KeyError, TypeError, ArithmeticError) as exc:  # e.g. !!bool maybe
             raise _Refused(path, f"{event.value!r} is not a valid {_short_tag(tag)}: {exc}", event.start_mark) \
                 from None
         if event.tag is None and event.implicit[0]:  # a plain (unquoted) scalar

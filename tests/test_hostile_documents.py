@@ -158,3 +158,24 @@ def test_agent_once_on_a_poison_current_version_refuses_and_exits_1(tmp_path: Pa
     assert [e["event"] for e in _entries(state)] == ["refuse"]
     status = json.loads((state / "status.json").read_text())
     assert "version 1 refused" in status["last_error"] and status["healthy"] is False
+
+
+def test_random_yaml_and_json_only_ever_raise_invalid_document() -> None:
+    """A seeded fuzz over YAML tokens: tags, anchors, directives, odd scalars. Every outcome is a refusal."""
+    import random
+
+    from grayagent.errors import InvalidDocument
+    from grayagent.model import parse_document
+
+    pieces = ["a", ":", " ", "\n", "- ", "[", "]", "{", "}", ",", "!!binary ", "!!set ", "&x ", "*x", "? ", "'", '"',
+              "2001-12-14", ".nan", "on", "~", "<<: ", "=", "!foo ", "0x1F", "1:30", "%YAML 1.1\n", "---\n", "...\n",
+              "|\n  ", ">\n", "\t", "#", "\x00", "\ufeff", "é", "!!python/object:os.system ", "!!map ", "!!seq ",
+              "!!int x", "!!float y", "!!bool maybe", "!!null z", "!<tag:yaml.org,2002:str> ", "1e999", "0o7"]
+    rng = random.Random(12)
+    for _ in range(3000):
+        doc = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 30)))
+        for content in (doc.encode(), ("{" + doc).encode()):
+            try:
+                parse_document(content, "f")
+            except InvalidDocument:
+                pass
