@@ -5,6 +5,7 @@ Issue 12 items 2, 3 and 6, issue 13 (YAML 1.1 surprises, header values RFC 9110 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -175,7 +176,5 @@ def test_random_yaml_and_json_only_ever_raise_invalid_document() -> None:
     for _ in range(3000):
         doc = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 30)))
         for content in (doc.encode(), ("{" + doc).encode()):
-            try:
+            with contextlib.suppress(InvalidDocument):
                 parse_document(content, "f")
-            except InvalidDocument:
-                pass
