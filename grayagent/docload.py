@@ -28,6 +28,8 @@ _TAG = "tag:yaml.org,2002:"
 _JSON_TAGS = {f"{_TAG}{t}" for t in ("str", "int", "float", "bool", "null")}
 # YAML 1.1 reads these unquoted as other types; JSON has no such types, so they stay the text as written.
 _TEXT_WHEN_IMPLICIT = {f"{_TAG}{t}" for t in ("timestamp", "merge", "value")}
+_TAG_REFUSED = ("the YAML tag {tag} is not allowed: a rule document holds only strings, numbers, booleans, "
+                "null, lists and mappings")
 _Loader: type[Any] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
@@ -191,7 +193,7 @@ class _YamlBuilder:
                 root = value
             else:
                 self._add(stack[-1], value, event)
-            if isinstance(value, dict | list) and isinstance(event, yaml.CollectionStartEvent):
+            if isinstance(event, yaml.CollectionStartEvent):
                 stack.append(_Frame(value, path))
 
     @staticmethod
@@ -227,8 +229,7 @@ class _YamlBuilder:
             if tag in _TEXT_WHEN_IMPLICIT:
                 return event.value
         if tag not in _JSON_TAGS:
-            raise _Refused(path, f"the YAML tag {_short_tag(tag)} is not allowed: a rule document holds only "
-                                 "strings, numbers, booleans, null, lists and mappings", event.start_mark)
+            raise _Refused(path, _TAG_REFUSED.format(tag=_short_tag(tag)), event.start_mark)
         if tag == f"{_TAG}str":
             return event.value
         node = yaml.ScalarNode(tag, event.value)
@@ -245,8 +246,7 @@ class _YamlBuilder:
     def _check_collection_tag(event: Any, path: Path) -> None:
         allowed = (None, "!", f"{_TAG}map" if isinstance(event, yaml.MappingStartEvent) else f"{_TAG}seq")
         if event.tag not in allowed:
-            raise _Refused(path, f"the YAML tag {_short_tag(event.tag)} is not allowed: a rule document holds only "
-                                 "strings, numbers, booleans, null, lists and mappings", event.start_mark)
+            raise _Refused(path, _TAG_REFUSED.format(tag=_short_tag(event.tag)), event.start_mark)
 
 
 def _short_tag(tag: str) -> str:
