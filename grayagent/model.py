@@ -38,14 +38,21 @@ from grayagent.modeldata import (
     ValueCondition,
     iter_value_fields,
 )
-from grayagent.semantics import ReleaseChecker, parse_duration, parse_listen, parse_weight, reserved_listen_problems
+from grayagent.semantics import (
+    ReleaseChecker,
+    link_local_url,
+    parse_duration,
+    parse_listen,
+    parse_weight,
+    reserved_listen_problems,
+)
 
 __all__ = [
     "API_VERSION", "MAX_DEPTH", "MAX_DOCUMENT_BYTES", "Analysis", "CidrCondition", "Condition", "Field",
     "FieldKind", "IPNetwork", "Listen", "MatchKind", "PrometheusQueries", "Release", "Rollout", "RolloutStep",
     "Rule", "Service", "Split", "StringMatch", "Upstream", "ValueCondition", "document_name", "format_path",
-    "iter_value_fields", "load_data", "parse_document", "parse_duration", "parse_listen", "parse_weight",
-    "reserved_listen_problems", "schema",
+    "iter_value_fields", "link_local_url", "load_data", "parse_document", "parse_duration", "parse_listen",
+    "parse_weight", "reserved_listen_problems", "schema",
 ]
 
 

@@ -133,6 +133,22 @@ def reserved_header_problem(name: str) -> str | None:
     return next((why for prefix, why in _RESERVED_HEADERS.items() if lowered.startswith(prefix)), None)
 
 
+def link_local_url(url: str) -> str | None:
+    """Why a metrics URL is refused when its host is a link-local address (cloud metadata: 169.254.169.254,
+    fe80::/10, also IPv4-mapped), else None. Names are resolved by the rollout controller (sources.py)."""
+    import urllib.parse
+
+    try:
+        host = urllib.parse.urlsplit(url).hostname or ""
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    if address.is_link_local or (mapped is not None and mapped.is_link_local):
+        return f"{host} is a link-local address (cloud metadata lives there); give the metrics server's address"
+    return None
+
+
 def reserved_listen_problems(release: Release, source: str, reserved: dict[str, str]) -> list[Problem]:
     """Services that would listen on one of the agent's own addresses (flag -> "host:port", e.g. the
     status and verify listens). The document cannot know them, so the agent, which does, asks."""
@@ -371,5 +387,7 @@ class RolloutChecker(_Reporter):
                                         prom.get("requestsQuery"))
             if "maxP99LatencyMs" in raw and queries.p99_query is None:
                 self.problem([*path, "prometheus"], "maxP99LatencyMs needs a p99Query")
+            if (refused := link_local_url(queries.url)) is not None:
+                self.problem([*path, "prometheus", "url"], refused)
         return Analysis(interval, int(raw.get("minRequests", 0)), raw.get("maxErrorRate"), raw.get("maxP99LatencyMs"),
                         relative, raw.get("maxErrorRateFactor"), raw.get("maxP99LatencyFactor"), queries)
