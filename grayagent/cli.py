@@ -96,12 +96,20 @@ def validate(files: tuple[str, ...], output: str) -> None:
 @click.option("--create", is_flag=True,
               help="Create the directory store, parents included, if it does not exist. Without it, publish "
                    "creates a new directory store only inside a parent directory that exists.")
+@click.option("--check", "checks", type=click.Choice(["nginx", "envoy"]), multiple=True,
+              help="Also run the proxy's own checker (nginx -t, envoy --mode validate) on the rendered "
+                   "document before it becomes current. Repeatable.")
+@click.option("--nginx-bin", default=None, help="nginx binary for --check nginx (default nginx).")
+@click.option("--envoy-bin", default=None, help="envoy binary for --check envoy (default envoy).")
 @OUTPUT
 def publish(file: str, store_url: str | None, message: str, author: str, expect_version: int | None,
-            create: bool, output: str) -> None:
+            create: bool, checks: tuple[str, ...], nginx_bin: str | None, envoy_bin: str | None,
+            output: str) -> None:
     """Publish FILE as a new immutable version; prints its number."""
     store = open_store(resolve_store_url(store_url), publishing=True, create=create)
-    meta = usecases.publish(store, file, author, message, expect_version)
+    binaries = {"nginx": nginx_bin, "envoy": envoy_bin}
+    meta = usecases.publish(store, file, author, message, expect_version,
+                            [(proxy, binaries[proxy]) for proxy in dict.fromkeys(checks)])
     _emit(output, meta.as_dict(), str(meta.version))
 
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 import functools
 import importlib
 import re
+from collections.abc import Iterator
 from typing import Any
+
+import re2  # type: ignore[import-untyped]  # google-re2 ships no type information
 
 # Python 3.11+ keeps the regex parser private (it is the deprecated sre_parse); it is the only way to see
 # a pattern's structure with exactly the parser `re` uses.
@@ -86,7 +89,206 @@ def check_portable_regex(pattern: str) -> str | None:
     flags = parsed.state.flags & ~re.DEBUG
     if flags & ~_ALLOWED_FLAGS:
         return "only the inline flags i, m and s are portable"
-    return _walk(parsed)
+    ignore_case = bool(flags & re.IGNORECASE) or re.search(r"\(\?[a-z]*i[a-z-]*[:)]", pattern) is not None
+    error = _walk(parsed) or _Backtracking(ignore_case, "|" in pattern).problem(list(parsed))
+    if error is None:
+        try:
+            compile_portable(pattern)
+        except re2.error as exc:  # e.g. nested counts whose product is over RE2's limit
+            reason = exc.args[0].decode("ascii", "replace") if exc.args and isinstance(exc.args[0], bytes) else exc
+            return f"RE2 (Envoy) cannot compile it: {reason}"
+    return error
+
+
+# ---------------------------------------------------------------------------------------------- backtracking
+
+
+Chars = frozenset[int]
+_ALL: Chars = frozenset(range(256))
+_DIGIT: Chars = frozenset(b"0123456789")
+_WORD: Chars = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+_SPACE: Chars = frozenset(b" \t\n\r\f\v")
+_CATEGORIES: dict[Any, Chars] = {
+    _c.CATEGORY_DIGIT: _DIGIT, _c.CATEGORY_NOT_DIGIT: _ALL - _DIGIT,
+    _c.CATEGORY_WORD: _WORD, _c.CATEGORY_NOT_WORD: _ALL - _WORD,
+    _c.CATEGORY_SPACE: _SPACE, _c.CATEGORY_NOT_SPACE: _ALL - _SPACE,
+}
+_REPEATS = (_c.MAX_REPEAT, _c.MIN_REPEAT)
+BACKTRACKING = ("ambiguous repetition: {what} inside a repeat lets one text split in exponentially many ways, "
+                "so nginx's PCRE would backtrack for seconds on a near miss; make each repetition start or end "
+                "with a character the inner part cannot match, e.g. ([a-z]+\\.)+ (see docs/rules.md)")
+
+
+class _Backtracking:
+    """A static test for catastrophic backtracking, after regexploit's idea.
+
+    A repeat that may run twice or more, `X{m,n}` with n >= 2, is refused when X holds an ambiguous piece:
+    a repeat with a variable count, or an alternation whose branches can begin alike. If X could then
+    match a whole iteration with only the characters that piece matches, the engine can split one run of
+    those characters between iterations in exponentially many ways: `(a+)+`, `(a|aa)*`, `(x*)*y`,
+    `(.*a){12}`. A character the piece cannot match, `([a-z]+\\.)+`, pins each split, and is accepted.
+    Over-cautious by design (no false negatives among these shapes; a few safe patterns are refused).
+    """
+
+    def __init__(self, ignore_case: bool, alternation: bool) -> None:
+        self.ignore_case = ignore_case
+        # Python's parser turns (a|b) into the class [ab]; PCRE keeps the alternation. A class whose
+        # members overlap may therefore be an ambiguous alternation, when the pattern has a '|' at all.
+        self.alternation = alternation
+
+    def problem(self, items: list[Any]) -> str | None:
+        for op, arg in items:
+            if op in _REPEATS:
+                _low, high, sub = arg
+                if high >= 2:
+                    what = self._ambiguous_iteration(list(sub))
+                    if what:
+                        return BACKTRACKING.format(what=what)
+                error = self.problem(list(sub))
+            elif op == _c.SUBPATTERN:
+                error = self.problem(list(arg[3]))
+            elif op == _c.BRANCH:
+                error = next((e for e in (self.problem(list(b)) for b in arg[1]) if e), None)
+            else:
+                error = None
+            if error:
+                return error
+        return None
+
+    def _ambiguous_iteration(self, body: list[Any]) -> str | None:
+        for piece, what in self._variable_pieces(body):
+            chars = self.chars(piece)
+            if chars and self.can_cover(body, chars):
+                return what
+        return None
+
+    def _variable_pieces(self, items: list[Any]) -> Iterator[tuple[list[Any], str]]:
+        for op, arg in items:
+            if op in _REPEATS:
+                low, high, sub = arg
+                if low != high:
+                    yield [(op, arg)], "a repeat of variable count"
+                yield from self._variable_pieces(list(sub))
+            elif op == _c.SUBPATTERN:
+                yield from self._variable_pieces(list(arg[3]))
+            elif op == _c.BRANCH:
+                branches = [list(b) for b in arg[1]]
+                if any(self._may_begin_alike(a, b) for i, a in enumerate(branches) for b in branches[i + 1:]):
+                    yield [(op, arg)], "alternatives that can begin alike"
+                for b in branches:
+                    yield from self._variable_pieces(b)
+            elif op == _c.IN and self.alternation and self._members_overlap(arg):
+                yield [(op, arg)], "alternatives that can match the same character"
+
+    def _members_overlap(self, members: list[Any]) -> bool:
+        seen: Chars = frozenset()
+        for member in members:
+            if member[0] == _c.NEGATE:
+                return False
+            chars = self.atom((_c.IN, [member]))
+            if chars is None or seen & chars:
+                return chars is not None
+            seen |= chars
+        return False
+
+    def _may_begin_alike(self, a: list[Any], b: list[Any]) -> bool:
+        i = 0
+        while i < len(a) and i < len(b):
+            ca, cb = self.atom(a[i]), self.atom(b[i])
+            if ca is None or cb is None:
+                fa, na = self.first(a[i:])
+                fb, nb = self.first(b[i:])
+                return na or nb or bool(fa & fb)
+            if not ca & cb:
+                return False
+            i += 1
+        return True  # one branch is a prefix of the other's possible text
+
+    def atom(self, item: Any) -> Chars | None:
+        """The characters a one-character item matches; None for anything else."""
+        op, arg = item
+        if op == _c.LITERAL:
+            chars: Chars = frozenset((arg,))
+        elif op == _c.NOT_LITERAL:
+            chars = _ALL - self.fold(frozenset((arg,)))
+        elif op == _c.ANY:
+            chars = _ALL
+        elif op == _c.IN:
+            chars = frozenset()
+            negate = False
+            for kind, value in arg:
+                if kind == _c.NEGATE:
+                    negate = True
+                elif kind == _c.LITERAL:
+                    chars |= {value}
+                elif kind == _c.RANGE:
+                    chars |= frozenset(range(value[0], value[1] + 1))
+                elif kind == _c.CATEGORY:
+                    chars |= _CATEGORIES.get(value, _ALL)
+            chars = _ALL - self.fold(chars) if negate else chars
+        else:
+            return None
+        return self.fold(chars)
+
+    def fold(self, chars: Chars) -> Chars:
+        if not self.ignore_case:
+            return chars
+        return chars | frozenset(c ^ 0x20 for c in chars if 0x41 <= (c & ~0x20) <= 0x5A)
+
+    def chars(self, items: list[Any]) -> Chars:
+        """Every character the items can consume."""
+        out: Chars = frozenset()
+        for op, arg in items:
+            single = self.atom((op, arg))
+            if single is not None:
+                out |= single
+            elif op in _REPEATS:
+                out |= self.chars(list(arg[2]))
+            elif op == _c.SUBPATTERN:
+                out |= self.chars(list(arg[3]))
+            elif op == _c.BRANCH:
+                for b in arg[1]:
+                    out |= self.chars(list(b))
+        return out
+
+    def can_cover(self, items: list[Any], chars: Chars) -> bool:
+        """Whether the items can match some text made only of `chars` (the empty text included)."""
+        for op, arg in items:
+            single = self.atom((op, arg))
+            if single is not None:
+                ok = bool(single & chars)
+            elif op in _REPEATS:
+                ok = arg[0] == 0 or self.can_cover(list(arg[2]), chars)
+            elif op == _c.SUBPATTERN:
+                ok = self.can_cover(list(arg[3]), chars)
+            elif op == _c.BRANCH:
+                ok = any(self.can_cover(list(b), chars) for b in arg[1])
+            else:
+                ok = True  # zero-width: anchors and boundaries
+            if not ok:
+                return False
+        return True
+
+    def first(self, items: list[Any]) -> tuple[Chars, bool]:
+        """The characters the items can begin with, and whether they can match the empty text."""
+        out: Chars = frozenset()
+        for op, arg in items:
+            single = self.atom((op, arg))
+            if single is not None:
+                return out | single, False
+            if op in _REPEATS or op == _c.SUBPATTERN:
+                sub = list(arg[2] if op in _REPEATS else arg[3])
+                chars, nullable = self.first(sub)
+                out |= chars
+                if not nullable and not (op in _REPEATS and arg[0] == 0):
+                    return out, False
+            elif op == _c.BRANCH:
+                firsts = [self.first(list(b)) for b in arg[1]]
+                for chars, _ in firsts:
+                    out |= chars
+                if not any(nullable for _, nullable in firsts):
+                    return out, False
+        return out, True
 
 
 # Spellings the three engines parse differently, found by running them side by side: Python reads
@@ -120,5 +322,14 @@ def _lexical_problem(pattern: str) -> str | None:
     return None
 
 
-def compile_portable(pattern: str) -> re.Pattern[bytes]:
-    return re.compile(pattern.encode("ascii"))
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.encoding = re2.Options.Encoding.LATIN1  # bytes, as Envoy runs it (docs/notes/envoy-probe.md)
+_RE2_OPTIONS.log_errors = False  # a refused pattern is reported to the user, not logged to stderr by abseil
+
+
+def compile_portable(pattern: str) -> Any:
+    """RE2 on bytes: Envoy's own engine, and linear in the input, so no rule can make matching slow.
+
+    The portable subset means the same in Python re, PCRE and RE2; RE2 is the one without backtracking.
+    """
+    return re2.compile(pattern.encode("ascii"), _RE2_OPTIONS)

@@ -15,7 +15,7 @@ import re
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from grayagent.model import CidrCondition, Field, Service, Split, StringMatch, ValueCondition
 from grayagent.regexsubset import compile_portable
@@ -145,7 +145,7 @@ def field_value(fld: Field, request: Request) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def _regex(pattern: str) -> re.Pattern[bytes]:
+def _regex(pattern: str) -> Any:
     return compile_portable(pattern)
 
 

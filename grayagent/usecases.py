@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +36,16 @@ def validate_files(paths: Iterable[str]) -> list[Problem]:
     return problems
 
 
-def publish(store: Store, path: str, author: str, message: str, expected: int | None) -> VersionMeta:
+def publish(store: Store, path: str, author: str, message: str, expected: int | None,
+            checks: Sequence[tuple[str, str | None]] = ()) -> VersionMeta:
+    """Validate, run each (proxy, binary) check the caller asked for, then publish with compare-and-set."""
     content = read_file(path)
-    parse_document(content, path)
+    release = parse_document(content, path)
+    if checks:
+        from grayagent import proxycheck  # imports the renderers: only when asked
+
+        for proxy, binary in checks:
+            proxycheck.check(release, path, proxy, binary)
     if expected is None:
         current = store.current()
         expected = current.version if current else 0

