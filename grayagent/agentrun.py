@@ -154,12 +154,16 @@ def build_agent(options: AgentOptions) -> Agent:
     return Agent(store, build_target(options), settings)
 
 
-def run_once(options: AgentOptions) -> bool:
+def run_once(options: AgentOptions) -> tuple[bool, str]:
+    """One pass; whether the proxy now serves what it should (`Health.serving`), and a line saying the
+    health state and why (docs/operations.md)."""
     agent = build_agent(options)
     try:
-        return agent.sync()
+        agent.sync()
     finally:
         agent.store.close()
+    health = agent.keeper.health
+    return health.serving, f"{health.state.value}: {health.reason}"
 
 
 def watchdog_ping() -> None:
@@ -168,12 +172,14 @@ def watchdog_ping() -> None:
 
 def start_status_server(listen: str, agent: Agent) -> StatusServer:
     def status() -> dict[str, Any]:
+        agent.health()  # the same fresh assessment /healthz makes
         return agent.status.as_dict()
 
     try:
         return StatusServer(listen, agent.metrics, agent.health, status).start()
     except OSError as exc:
-        raise UsageError(f"--status-listen {listen}: {exc.strerror or exc}") from None
+        raise UsageError(f"status_listen {listen} (--status-listen, GRAYAGENT_STATUS_LISTEN or the config "
+                         f"file): {exc.strerror or exc}") from None
 
 
 def serve(options: AgentOptions, reload_options: Callable[[], AgentOptions]) -> None:
@@ -235,62 +241,3 @@ def serve(options: AgentOptions, reload_options: Callable[[], AgentOptions]) -> 
                 agent.audit.append("config-refused", error=str(exc).replace("\n", "; "))
             log.error("configuration refused; keeping the running one", error=str(exc).replace("\n", "; "))
         sdnotify.notify("READY=1")
-
-
-def local_versions(options: AgentOptions) -> list[dict[str, Any]]:
-    """What a break-glass revert can restore: the versions this host applied recently."""
-    from grayagent.agent import cached_versions, read_pin
-
-    assert options.state_dir is not None
-    pin = read_pin(Path(options.state_dir))
-    return [{**r.meta.as_dict(), "pinned": bool(pin and pin.get("version") == r.version)}
-            for r in cached_versions(Path(options.state_dir))]
-
-
-def local_revert(options: AgentOptions, version: int, reason: str) -> dict[str, Any]:
-    """Break-glass: apply a version from this host's cache straight to the proxy and pin it.
-
-    For when the store is down or serving a bad version. The pin stops the agent from applying store
-    versions until `unpin`; publish a proper `grayagent revert` once the store is back, then unpin.
-    """
-    from grayagent.agent import PIN_FILE, cached_versions
-    from grayagent.audit import AuditLog
-    from grayagent.fsutil import atomic_write
-    from grayagent.model import parse_document
-
-    assert options.state_dir is not None
-    state = Path(options.state_dir)
-    records = {r.version: r for r in cached_versions(state)}
-    if version not in records:
-        known = ", ".join(map(str, sorted(records))) or "none"
-        raise UsageError(f"version {version} is not in {state / 'cache'} (cached: {known})")
-    record = records[version]
-    digest = record.meta.digest
-    release = parse_document(record.content, f"{state / 'cache'}#{version}")
-    target = build_target(options)
-    pin = {"version": version, "digest": digest, "reason": reason, "pinned_by": "grayagent local-revert"}
-    previous_pin = (state / PIN_FILE).read_bytes() if (state / PIN_FILE).exists() else None
-    atomic_write(state / PIN_FILE, json.dumps(pin).encode())  # first, so a running agent cannot interleave
-    result = target.apply(target.render(release, version, digest), version, digest)
-    AuditLog(state).append("break-glass", version=version, digest=digest, target=target.name, reason=reason,
-                           result="ok" if result.ok else "failed", steps_ms=result.steps_ms, error=result.error)
-    if not result.ok:
-        if previous_pin is None:
-            (state / PIN_FILE).unlink(missing_ok=True)
-        else:
-            atomic_write(state / PIN_FILE, previous_pin)
-        raise UsageError(f"local revert to version {version} failed: {result.error}")
-    return pin
-
-
-def unpin(options: AgentOptions) -> bool:
-    from grayagent.agent import PIN_FILE
-    from grayagent.audit import AuditLog
-
-    assert options.state_dir is not None
-    state = Path(options.state_dir)
-    if not (state / PIN_FILE).exists():
-        return False
-    (state / PIN_FILE).unlink()
-    AuditLog(state).append("unpin")
-    return True

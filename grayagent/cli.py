@@ -226,7 +226,9 @@ def _agent_flags() -> dict[str, Any]:
 @click.option("--status-listen", default=None, help="Address of /healthz and /metrics (default 127.0.0.1:9180).")
 @click.option("--min-apply-interval", type=click.FloatRange(min=0), default=None,
               help="Seconds between applies; bursts of publishes coalesce into one apply (default 1).")
-@click.option("--once", is_flag=True, help="Apply the current version once and exit (0 healthy, 1 not).")
+@click.option("--once", is_flag=True, help="Apply the current version once, print the health state, and exit: 0 "
+                                           "healthy, stale (store unreachable, last-good kept) or pinned; 1 "
+                                           "otherwise, including while nothing is published.")
 def agent(config: str | None, once: bool, **_: Any) -> None:
     """Watch the store and keep the proxy on its current version."""
     from grayagent import agentrun
@@ -234,7 +236,9 @@ def agent(config: str | None, once: bool, **_: Any) -> None:
     flags = _agent_flags()
     options = agentrun.resolve_options(flags, config)
     if once:
-        sys.exit(0 if agentrun.run_once(options) else 1)
+        serving, line = agentrun.run_once(options)
+        click.echo(line)
+        sys.exit(0 if serving else 1)
     agentrun.serve(options, lambda: agentrun.resolve_options(flags, config))
 
 
@@ -254,19 +258,20 @@ def local_revert(version: int | None, config: str | None, state_dir: str | None,
 
     flags = {"state_dir": state_dir} if state_dir else {}
     options = agentrun.resolve_options(flags, config)
+    state = Path(str(options.state_dir))
     if list_versions:
-        versions = agentrun.local_versions(options)
+        versions = usecases.local_versions(state)
         _emit(output, versions, "\n".join(f"{v['version']:>7}  {v['created']:27}  {v['digest'][:19]}  "
                                            f"{'PINNED  ' if v['pinned'] else ''}{v['message']}" for v in versions))
         return
     if unpin:
-        released = agentrun.unpin(options)
+        released = usecases.unpin(state)
         _emit(output, {"unpinned": released}, "unpinned: the agent follows the store again" if released
               else "nothing was pinned")
         return
     if version is None:
         raise click.UsageError("give a VERSION, or --list, or --unpin")
-    pin = agentrun.local_revert(options, version, message)
+    pin = usecases.local_revert(state, agentrun.build_target(options), version, message)
     _emit(output, pin, f"version {version} applied and pinned on this host; publish `grayagent revert {version}` "
                        "when the store is back, then `grayagent local-revert --unpin`")
 

@@ -59,3 +59,17 @@ def create_exclusive(path: Path, data: bytes, mode: int = RENDERED_MODE) -> bool
             os.unlink(tmp)
     fsync_dir(path.parent)
     return True
+
+
+def remove_stale_temps(path: Path) -> int:
+    """Remove the temp files that `atomic_write(path)` leaves if the process dies between write and rename.
+
+    `path` may end in a glob (`cache/*.json`). Call it only at start-up, when no writer of `path` runs.
+    Returns how many were removed.
+    """
+    removed = 0
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
+            removed += 1
+    return removed
