@@ -225,12 +225,17 @@ class Agent:
         self.status.desired_version = record.version
         key = (record.version, record.meta.digest)
         applied = (self.status.applied_version, self.status.applied_digest)
-        drifted = key == applied and self.status.last_error is None and self._drifted(key)
-        if drifted:
-            log.warning("proxy no longer serves the applied version; applying it again", version=record.version)
-        if key == applied and self.status.last_error is None and not drifted:
+        drifted = key == applied and self._drifted(key)
+        if key == applied and not drifted:
+            # In step. An error left is moot: it was about another version, or a drift repair that the proxy
+            # no longer needs (nginx came back with the applied version).
             self.status.serving_from_cache = False
-        elif self.applier.due(key):
+            self.status.last_error = None
+            self.applier.forget(key)
+            return
+        if drifted and self.applier.due(key):
+            log.warning("proxy no longer serves the applied version; applying it again", version=record.version)
+        if self.applier.due(key):
             # "drift": the proxy lost a version already applied; the audit tells a repair from a new version.
             self.applier.apply(record, source="drift" if drifted else "store")
 
@@ -246,7 +251,7 @@ class Agent:
         return self._live != key
 
     def _recently_applied(self) -> bool:
-        return self.clock() - self.applier.last_apply < DRIFT_GRACE
+        return self.clock() - self.applier.last_success < DRIFT_GRACE
 
     def _live_reading(self) -> tuple[int, str] | None:
         """What the proxy serves, read once per pass. Right after an apply the apply's own verify is the
@@ -368,7 +373,11 @@ class Applier:
         self.status = agent.status
         self.refused: set[tuple[int, str]] = set()
         self.retry_at: dict[tuple[int, str], tuple[float, float]] = {}  # key -> (due, current delay)
-        self.last_apply = -1e9
+        self.last_apply = -1e9    # the last attempt: coalescing counts from here
+        self.last_success = -1e9  # the last verified apply: the drift check trusts it for DRIFT_GRACE
+
+    def forget(self, key: tuple[int, str]) -> None:
+        self.retry_at.pop(key, None)
 
     def retry_times(self) -> list[float]:
         return [when for when, _ in self.retry_at.values()]
@@ -411,6 +420,7 @@ class Applier:
         self.status.applies += 1
         agent.metrics.record_apply("ok" if result.ok else "failed", steps, result.reloaded)
         if result.ok:
+            self.last_success = agent.clock()
             self.retry_at.clear()  # older failures are moot once a newer version applied
             self.status.applied_version, self.status.applied_digest = version, digest
             self.status.last_error = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import functools
 import json
 import os
@@ -82,12 +83,32 @@ def load_config_file(path: str) -> dict[str, Any]:
     try:
         fastjsonschema.validate(_config_schema(), data)
     except fastjsonschema.JsonSchemaException:
-        validator = jsonschema.Draft7Validator(_config_schema())
-        problems = [Problem(path, format_path(e.absolute_path), e.message if e.validator != "additionalProperties"
-                            else f"unknown key (known: {', '.join(OPTION_KEYS)})")
-                    for e in validator.iter_errors(data)]
-        raise InvalidDocument(problems) from None
+        raise InvalidDocument(_config_problems(path, data)) from None
     return dict(data)
+
+
+YAML_BOOLEAN_HINT = ("YAML reads an unquoted yes, no, on, off, true or false as a boolean; "
+                     "quote the value if you mean the word")
+
+
+def _config_problems(path: str, data: Any) -> list[Problem]:
+    """One problem per mistake, in words an operator can act on (no Python reprs)."""
+    problems: list[Problem] = []
+    for error in jsonschema.Draft7Validator(_config_schema()).iter_errors(data):
+        if error.validator == "additionalProperties" and isinstance(data, dict):
+            problems += [Problem(path, str(key), _unknown_key(str(key))) for key in data if key not in OPTION_KEYS]
+            continue
+        message = error.message
+        wanted = error.schema if isinstance(error.schema, dict) else {}
+        if isinstance(error.instance, bool) and (wanted.get("type") == "string" or "enum" in wanted):
+            message = YAML_BOOLEAN_HINT
+        problems.append(Problem(path, format_path(error.absolute_path), message))
+    return problems
+
+
+def _unknown_key(key: str) -> str:
+    close = difflib.get_close_matches(key, OPTION_KEYS, n=1)
+    return f"unknown key; did you mean {close[0]}?" if close else f"unknown key (known: {', '.join(OPTION_KEYS)})"
 
 
 def _env_value(key: str, raw: str) -> Any:

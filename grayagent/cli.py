@@ -59,13 +59,23 @@ def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-level", default=None, type=click.Choice(["debug", "info", "warning", "error"]),
+              help="Default: info for the services (agent, rollout run), warning for the other commands.")
 @click.version_option(package_name="grayagent")
-def cli(log_level: str) -> None:
+@click.pass_context
+def cli(ctx: click.Context, log_level: str | None) -> None:
     """Gray-release rules from a config store, rendered into nginx and Envoy."""
     from grayagent.logsetup import configure
 
-    configure(log_level)
+    ctx.meta["grayagent.log_level"] = log_level
+    configure(log_level or "warning", json_output=False)  # commands: human lines; services switch below
+
+
+def _service_logging() -> None:
+    """A long-running service logs JSON lines when stderr is not a terminal (journald), at info by default."""
+    from grayagent.logsetup import configure
+
+    configure(click.get_current_context().meta.get("grayagent.log_level") or "info")
 
 
 @cli.command()
@@ -235,6 +245,8 @@ def agent(config: str | None, once: bool, **_: Any) -> None:
 
     flags = _agent_flags()
     options = agentrun.resolve_options(flags, config)
+    if not once:
+        _service_logging()
     if once:
         serving, line = agentrun.run_once(options)
         click.echo(line)
@@ -288,16 +300,7 @@ def status(store_url: str | None, wait_seconds: float | None, min_agents: int, o
     store = _open(store_url)
     report = (usecases.wait_for_convergence(store, wait_seconds, min_agents) if wait_seconds is not None
               else usecases.fleet_status(store, min_agents))
-    if output == "json":
-        click.echo(json.dumps(report))
-    else:
-        state = "converged" if report["converged"] else "NOT converged"
-        click.echo(f"current version {report['current_version']}: {len(report['agents'])} agents, {state}")
-        for a in report["agents"]:
-            error = f"  error: {a['last_error']}" if a.get("last_error") else ""
-            reach = "" if a.get("store_reachable") else "  store unreachable"
-            click.echo(f"  {a.get('host')!s:30} version {a.get('applied_version')!s:>6}  "
-                       f"{'healthy' if a.get('healthy') else 'UNHEALTHY'}{reach}{error}")
+    _emit(output, report, usecases.format_fleet_status(report))
     if not report["converged"]:
         sys.exit(1)
 
@@ -317,6 +320,7 @@ def rollout_run(store_url: str | None, interval: float, state_dir: Path | None) 
     """The controller: long-running; several may run, one leads (lock or lease)."""
     from grayagent.rollout import service
 
+    _service_logging()
     service.serve(_open(store_url), interval, state_dir)
 
 
@@ -423,6 +427,10 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"grayagent: {exc}", err=True)
         sys.exit(exc.exit_code)
     except BrokenPipeError:
+        sys.exit(1)
+    except OSError as exc:  # a full disk, a read-only store: one line naming the file, never a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        click.echo(f"grayagent: {where}{exc.strerror or exc}", err=True)
         sys.exit(1)
 
 

@@ -19,9 +19,6 @@ from typing import Any
 
 import structlog
 
-# Libraries whose own loggers are too chatty at INFO for an agent's log.
-_QUIET = ("grpc", "nacos", "v2.nacos", "watchdog", "urllib3", "httpx", "httpcore", "asyncio")
-
 
 def configure(level: str = "info", json_output: bool | None = None) -> None:
     if json_output is None:
@@ -47,9 +44,7 @@ def configure(level: str = "info", json_output: bool | None = None) -> None:
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer]))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.getLevelName(level.upper()))
-    for name in _QUIET:
-        logging.getLogger(name).setLevel(logging.WARNING)
+    root.setLevel(logging.WARNING)  # libraries speak only when something is wrong, even at --log-level debug
 
 
 class Throttle:

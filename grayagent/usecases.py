@@ -153,6 +153,23 @@ def fleet_status(store: Store, min_agents: int = 1) -> dict[str, Any]:
     return {"current_version": version, "converged": converged, "min_agents": min_agents, "agents": agents}
 
 
+def format_fleet_status(report: dict[str, Any]) -> str:
+    """Human lines for `grayagent status`: each agent's health state (docs/operations.md) and why."""
+    count = len(report["agents"])
+    version = report["current_version"]
+    head = f"current version {version}" if version is not None else "nothing published yet"
+    lines = [f"{head}: {count} agent{'' if count == 1 else 's'} reporting, "
+             f"{'converged' if report['converged'] else 'NOT converged'}"]
+    for agent in report["agents"]:
+        state = agent.get("state") or ("healthy" if agent.get("healthy") else "unhealthy")  # older agents
+        applied = agent.get("applied_version")
+        host = str(agent.get("host") or "?")
+        reason = agent.get("reason") or agent.get("last_error") or ""
+        lines.append(f"  {host:30} {state:9} version {applied if applied is not None else '-':>6}"
+                     f"{'  ' + reason if reason else ''}")
+    return "\n".join(lines)
+
+
 def wait_for_convergence(store: Store, seconds: float, min_agents: int = 1, poll: float = 0.5) -> dict[str, Any]:
     deadline = time.monotonic() + seconds
     while True:

@@ -43,7 +43,7 @@ def test_bad_config_file_names_file_and_key(tmp_path: Path) -> None:
         resolve_options({}, str(config), {})
     lines = [str(p) for p in info.value.problems]
     assert any(line.startswith(f"{config}: min_apply_interval: 'soon' is not of type 'number'") for line in lines)
-    assert any(line.startswith(f"{config}: unknown key") for line in lines), lines
+    assert f"{config}: nginx_cnof: unknown key; did you mean nginx_conf?" in lines, lines
     done = grayagent("agent", "--config", str(config))
     assert done.returncode == 1 and all(line.startswith(str(config)) for line in done.stderr.splitlines())
 
