@@ -133,7 +133,7 @@ class StatusKeeper:
         """Audit, but never let a failing disk stop the agent: the proxy keeps serving either way.
         A lost entry is remembered, and the gap is recorded in the log once it can be written again."""
         with self._lock:
-            if self._lost and not self._write_gap():
+            if self._lost and not (self._space_back() and self._write_gap()):
                 self._lost.append({"event": event, "time": utc_now()})
                 return
             try:
@@ -155,16 +155,22 @@ class StatusKeeper:
         self._lost.clear()
         return True
 
-    def _recover(self) -> None:
-        """After a failed write, find out whether space came back: write the gap marker, or a probe."""
-        with self._lock:
-            if self._lost and not self._write_gap():
-                return
+    def _space_back(self) -> bool:
+        """Whether a write that needs fresh space succeeds. Tried before the audit log, where a write on a
+        full disk can be short and leave a torn line."""
+        probe = self.state.tmp_dir() / "write-probe"
         try:
-            atomic_write(self.state.tmp_dir() / "write-probe", b"\0" * PROBE_SIZE)
+            atomic_write(probe, b"\0" * PROBE_SIZE)
         except OSError:
-            return
-        (self.state.tmp_dir() / "write-probe").unlink(missing_ok=True)
+            return False
+        probe.unlink(missing_ok=True)
+        return True
+
+    def _recover(self) -> None:
+        """After a failed write, find out whether space came back; then write the gap marker first."""
+        with self._lock:
+            if not self._space_back() or (self._lost and not self._write_gap()):
+                return
         self.status.state_dir_error = None
         self.throttle.reset("state-dir")
         log.info("state dir writable again", state_dir=str(self.state.root))
