@@ -3,6 +3,10 @@
 Three stages stay apart, as in consul-template: the store's watch only wakes the loop; the loop reads the
 current version, renders it purely, and hands the files to the target's applier.
 
+Seams: `Agent` is the loop (watch, coalescing, one pass per wake-up, the drift check); `Applier` renders and
+applies one version and keeps the refusals and retry timers; `agentstatus.StatusKeeper` assesses health
+(grayagent/health.py) and shows it on every surface, and owns the writes to the state dir (grayagent/state.py).
+
 Guarantees:
 - a document that fails validation is refused and audited, never applied, and never retried (versions are
   immutable); the proxy keeps the last-good config;

@@ -124,8 +124,9 @@ def _env_value(key: str, raw: str) -> Any:
 
 
 def resolve_options(flags: Mapping[str, Any], config_path: str | None,
-                    environ: Mapping[str, str] = os.environ) -> AgentOptions:
-    """Merge the four sources; `flags` holds only the options given on the command line."""
+                    environ: Mapping[str, str] = os.environ, need_target: bool = True) -> AgentOptions:
+    """Merge the four sources; `flags` holds only the options given on the command line. Without
+    `need_target` (commands that only read the state dir) the proxy's options may be missing."""
     merged: dict[str, Any] = load_config_file(config_path) if config_path else {}
     for key in OPTION_KEYS:
         env = environ.get(f"GRAYAGENT_{key.upper()}")
@@ -135,6 +136,8 @@ def resolve_options(flags: Mapping[str, Any], config_path: str | None,
     options = AgentOptions(**merged)
     if not options.state_dir:
         raise UsageError("--state-dir is required (flag, GRAYAGENT_STATE_DIR, or state_dir in the config file)")
+    if not need_target:
+        return options
     if options.target == "nginx" and not options.nginx_conf:
         raise UsageError("--nginx-conf is required with --target nginx")
     if options.nginx_mode not in ("reload", "dynamic"):
@@ -234,7 +237,7 @@ def serve(options: AgentOptions, reload_options: Callable[[], AgentOptions]) -> 
         def ready(a: Agent = agent) -> None:
             nonlocal notified_ready
             if not notified_ready:
-                sdnotify.notify(f"READY=1\nSTATUS=serving version {a.status.applied_version}")
+                sdnotify.notify(f"READY=1\nSTATUS={a.status.state}: {a.status.reason}")
                 notified_ready = True
 
         def relay(run_stop: threading.Event = run_stop) -> None:

@@ -1,4 +1,7 @@
-"""Command line: verbs map one-to-one onto grayagent.usecases. No logic lives here.
+"""Command line: each verb parses its flags, calls one function, and prints the result.
+
+The function is in grayagent.usecases for the store and state-dir verbs, grayagent.agentrun for the agent
+service, and grayagent.rollout for rollouts. Text for humans is formatted here; decisions are made there.
 
 Exit codes: 0 ok; 1 invalid input or a failed operation; 2 usage; 3 compare-and-set conflict.
 Errors are one line each on stderr.
@@ -20,6 +23,7 @@ from click.core import ParameterSource
 from grayagent import usecases
 from grayagent.errors import GrayagentError, InvalidDocument
 from grayagent.routing import Request
+from grayagent.state import StateDir
 from grayagent.stores import Store, open_store, resolve_store_url
 
 OUTPUT = click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text", show_default=True,
@@ -113,7 +117,7 @@ def publish(file: str, store_url: str | None, message: str, author: str, expect_
 @OUTPUT
 def history(store_url: str | None, output: str) -> None:
     """List every version: number, time, author, message, digest, parent."""
-    metas = _open(store_url).history()
+    metas = usecases.history(_open(store_url))
     if output == "json":
         click.echo(json.dumps([m.as_dict() for m in metas]))
         return
@@ -269,7 +273,7 @@ def local_revert(version: int | None, config: str | None, state_dir: str | None,
     from grayagent import agentrun
 
     flags = {"state_dir": state_dir} if state_dir else {}
-    options = agentrun.resolve_options(flags, config)
+    options = agentrun.resolve_options(flags, config, need_target=version is not None)
     state = Path(str(options.state_dir))
     if list_versions:
         versions = usecases.local_versions(state)
@@ -300,9 +304,26 @@ def status(store_url: str | None, wait_seconds: float | None, min_agents: int, o
     store = _open(store_url)
     report = (usecases.wait_for_convergence(store, wait_seconds, min_agents) if wait_seconds is not None
               else usecases.fleet_status(store, min_agents))
-    _emit(output, report, usecases.format_fleet_status(report))
+    _emit(output, report, _fleet_text(report))
     if not report["converged"]:
         sys.exit(1)
+
+
+def _fleet_text(report: dict[str, Any]) -> str:
+    """Each agent's health state (docs/operations.md, "Health") and why, in words."""
+    count = len(report["agents"])
+    version = report["current_version"]
+    head = f"current version {version}" if version is not None else "nothing published yet"
+    lines = [f"{head}: {count} agent{'' if count == 1 else 's'} reporting, "
+             f"{'converged' if report['converged'] else 'NOT converged'}"]
+    for agent in report["agents"]:
+        state = agent.get("state") or ("healthy" if agent.get("healthy") else "unhealthy")  # older agents
+        applied = agent.get("applied_version")
+        host = str(agent.get("host") or "?")
+        reason = agent.get("reason") or agent.get("last_error") or ""
+        lines.append(f"  {host:30} {state:9} version {applied if applied is not None else '-':>6}"
+                     f"{'  ' + reason if reason else ''}")
+    return "\n".join(lines)
 
 
 @cli.group(name="rollout")
@@ -403,7 +424,7 @@ def audit_verify(state_dir: Path, output: str) -> None:
     """Check the hash chain; exit 1 if any entry was edited, removed or reordered."""
     problems = usecases.audit_verify(state_dir)
     _emit(output, {"intact": not problems, "problems": problems},
-          "\n".join(problems) if problems else f"{state_dir / 'audit.jsonl'}: intact")
+          "\n".join(problems) if problems else f"{StateDir(state_dir).audit}: intact")
     if problems:
         sys.exit(1)
 

@@ -1,4 +1,5 @@
-"""One function per CLI verb. The CLI parses flags and prints; everything else happens here."""
+"""One function per CLI verb (the agent service and rollouts have their own modules). The CLI parses flags
+and prints; everything else happens here."""
 
 from __future__ import annotations
 
@@ -45,6 +46,10 @@ def publish(store: Store, path: str, author: str, message: str, expected: int | 
         current = store.current()
         expected = current.version if current else 0
     return store.publish(content, expected, author, message)
+
+
+def history(store: Store) -> list[VersionMeta]:
+    return store.history()
 
 
 def show(store: Store, version: int | None) -> VersionRecord:
@@ -131,7 +136,7 @@ def audit_entries(state_dir: Path) -> list[dict[str, Any]]:
     except FileNotFoundError:
         raise UsageError(f"--state-dir: {state_dir}: no audit log there") from None
     except ValueError as exc:
-        raise InvalidDocument([Problem(str(state_dir / "audit.jsonl"), "", f"not JSON lines: {exc}")]) from None
+        raise InvalidDocument([Problem(str(StateDir(state_dir).audit), "", f"not JSON lines: {exc}")]) from None
 
 
 def audit_verify(state_dir: Path) -> list[str]:
@@ -151,23 +156,6 @@ def fleet_status(store: Store, min_agents: int = 1) -> dict[str, Any]:
     converged = len(agents) >= max(1, min_agents) and all(
         a.get("applied_version") == version and a.get("healthy") for a in agents)
     return {"current_version": version, "converged": converged, "min_agents": min_agents, "agents": agents}
-
-
-def format_fleet_status(report: dict[str, Any]) -> str:
-    """Human lines for `grayagent status`: each agent's health state (docs/operations.md) and why."""
-    count = len(report["agents"])
-    version = report["current_version"]
-    head = f"current version {version}" if version is not None else "nothing published yet"
-    lines = [f"{head}: {count} agent{'' if count == 1 else 's'} reporting, "
-             f"{'converged' if report['converged'] else 'NOT converged'}"]
-    for agent in report["agents"]:
-        state = agent.get("state") or ("healthy" if agent.get("healthy") else "unhealthy")  # older agents
-        applied = agent.get("applied_version")
-        host = str(agent.get("host") or "?")
-        reason = agent.get("reason") or agent.get("last_error") or ""
-        lines.append(f"  {host:30} {state:9} version {applied if applied is not None else '-':>6}"
-                     f"{'  ' + reason if reason else ''}")
-    return "\n".join(lines)
 
 
 def wait_for_convergence(store: Store, seconds: float, min_agents: int = 1, poll: float = 0.5) -> dict[str, Any]:
