@@ -135,7 +135,7 @@ class Agent:
         self.target = target
         self.settings = settings
         self.clock = clock
-        self.state = StateDir(settings.state_dir).prepare()  # also removes what a crash left behind
+        self.state = StateDir(settings.state_dir).ensure()  # cleaned by the caller (agentrun) before targets start
         self.status = AgentStatus(host=settings.host, target=target.name)
         self.metrics = AgentMetrics(target.name)
         # Per-upstream figures from the gateway (nginx: its JSON access log), for the rollout controller.

@@ -32,6 +32,7 @@ from grayagent.audit import AuditLog
 from grayagent.errors import GrayagentError, InvalidDocument, Problem, UsageError
 from grayagent.model import format_path, load_data
 from grayagent.observe import StatusServer
+from grayagent.state import StateDir
 from grayagent.stores import open_store, resolve_store_url
 from grayagent.targets.base import Target
 
@@ -172,6 +173,8 @@ def build_target(options: AgentOptions) -> Target:
 
 def build_agent(options: AgentOptions) -> Agent:
     assert options.state_dir is not None
+    # First, so that a crash's leftovers go before the target takes its scratch space in tmp/.
+    StateDir(options.state_dir).prepare()
     store = open_store(resolve_store_url(options.store))
     settings = AgentSettings(state_dir=Path(options.state_dir), min_apply_interval=options.min_apply_interval,
                              host=options.host, status_interval=options.status_interval)

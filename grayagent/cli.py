@@ -278,7 +278,8 @@ def local_revert(version: int | None, config: str | None, state_dir: str | None,
     if list_versions:
         versions = usecases.local_versions(state)
         _emit(output, versions, "\n".join(f"{v['version']:>7}  {v['created']:27}  {v['digest'][:19]}  "
-                                           f"{'PINNED  ' if v['pinned'] else ''}{v['message']}" for v in versions))
+                                           f"{'PINNED  ' if v['pinned'] else ''}{v['message']}" for v in versions)
+              or f"no versions cached in {state}")
         return
     if unpin:
         released = usecases.unpin(state)

@@ -83,10 +83,15 @@ class StateDir:
         finally:
             shutil.rmtree(path, ignore_errors=True)
 
-    def prepare(self) -> StateDir:
-        """Create the dir and remove what a crash left: tmp/'s contents and half-written atomic writes."""
+    def ensure(self) -> StateDir:
+        """Create the dir if it is missing; touch nothing inside."""
         self.root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
-        self.clean()
+        return self
+
+    def prepare(self) -> StateDir:
+        """At a service's start, before anything (a target) takes scratch space: create the dir and remove what
+        a crash left, tmp/'s contents and half-written atomic writes."""
+        self.ensure().clean()
         return self
 
     def clean(self) -> int:

@@ -10,6 +10,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from grayagent.agent import Agent, AgentSettings
+from grayagent.agentrun import AgentOptions, build_agent
 from grayagent.audit import read_entries
 from grayagent.fsutil import atomic_write
 from grayagent.model import Release
@@ -86,8 +87,10 @@ def test_the_next_start_removes_what_a_crash_left(tmp_path: Path) -> None:
     (state.cache_dir).mkdir()
     (state.cache_dir / ".0000000003.json.abcd.tmp").write_text("{")
     (state.cache_dir / "0000000003.json").write_text("{}")
-    store = FileStore(str(tmp_path / "store"))
-    Agent(store, MemoryTarget(), AgentSettings(state_dir=state.root))
+    (tmp_path / "store").mkdir()
+    options = AgentOptions(store=str(tmp_path / "store"), state_dir=str(state.root),
+                           nginx_conf=str(tmp_path / "ga.conf"))
+    build_agent(options).store.close()  # what every start (and every SIGHUP reload) runs first
     assert list(scratch.iterdir()) == []
     assert not (state.root / ".status.json.k3j2.tmp").exists()
     assert [p.name for p in state.cache_dir.iterdir()] == ["0000000003.json"]
