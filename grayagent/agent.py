@@ -428,6 +428,7 @@ class Applier:
             self.retry_at.clear()  # older failures are moot once a newer version applied
             self.status.applied_version, self.status.applied_digest = version, digest
             self.status.last_error = None
+            agent._publish()  # at once: whoever saw the proxy change must find the status changed too
             if source in ("store", "drift"):
                 self.status.serving_from_cache = False
                 try:

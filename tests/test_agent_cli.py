@@ -108,14 +108,17 @@ def test_an_empty_etcd_prefix_is_nothing_published_yet(tmp_path: Path) -> None:
 
 def test_library_log_lines_come_out_in_our_format(capsys: pytest.CaptureFixture[str]) -> None:
     """grpc, the Nacos SDK and watchdog log through the standard library: the same JSON lines as ours."""
+    saved, root = structlog.get_config(), logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
     configure("info", json_output=True)
     try:
         logging.getLogger("grpc._channel").warning("something from a library")
         logging.getLogger("watchdog.observers").info("chatter that must not appear")
         structlog.get_logger("grayagent.test").info("ours")
-    finally:
-        configure("warning", json_output=False)
-    lines = capsys.readouterr().err.splitlines()
+        lines = capsys.readouterr().err.splitlines()
+    finally:  # the handlers hold capsys's stream, which closes with this test
+        structlog.configure(**saved)
+        root.handlers[:], root.level = saved_handlers, saved_level
     parsed = [json.loads(line) for line in lines]  # every line is JSON
     assert [p["event"] for p in parsed] == ["something from a library", "ours"]
     assert parsed[0]["level"] == "warning" and parsed[0]["logger"] == "grpc._channel"
