@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from grayagent import usecases
@@ -14,26 +12,18 @@ from grayagent.agent import Agent
 from grayagent.agentrun import start_status_server
 from grayagent.health import Observation, State, assess
 from grayagent.stores.file import FileStore
-from tests.agenthelp import grayagent, nginx_target, running_agent
+from tests.agenthelp import grayagent, http_get, nginx_target, running_agent
 from tests.docs import document, dump, service
 from tests.servers.proc import free_port, wait_until
-
-
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def surfaces(status_port: int, store_dir: Path | None) -> dict[str, object]:
     """The state as each surface shows it; `store_dir` None skips `grayagent status` (store unreachable)."""
     base = f"http://127.0.0.1:{status_port}"
-    code, body = _get(f"{base}/healthz")
+    code, body = http_get(f"{base}/healthz")
     healthz = json.loads(body)
-    status = json.loads(_get(f"{base}/status")[1])
-    metrics = _get(f"{base}/metrics")[1]
+    status = json.loads(http_get(f"{base}/status")[1])
+    metrics = http_get(f"{base}/metrics")[1]
     one_hot = re.findall(r'^grayagent_health_state\{state="(\w+)",target="nginx"\} 1\.0$', metrics, re.M)
     healthy_gauge = re.search(r'^grayagent_healthy\{target="nginx"\} (\S+)$', metrics, re.M)
     seen: dict[str, object] = {
