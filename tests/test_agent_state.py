@@ -46,7 +46,7 @@ def test_a_full_state_disk_is_degraded_logged_once_and_leaves_a_gap_marker(tmp_p
     store.publish(dump(document(service())), 0, "t", "")
     with small_tmpfs(tmp_path / "state", "256k") as state_dir:
         agent = Agent(store, MemoryTarget(), AgentSettings(state_dir=state_dir, min_apply_interval=0))
-        agent.keeper.audit("start", target="memory")
+        agent.audit.append("start", target="memory")
         assert agent.sync() is True and agent.status.state == "healthy"
         filler = fill(state_dir)
 
