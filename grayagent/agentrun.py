@@ -209,6 +209,37 @@ def start_status_server(listen: str, agent: Agent) -> StatusServer:
                          f"file): {exc.strerror or exc}") from None
 
 
+def _start(options: AgentOptions) -> tuple[Agent, StatusServer]:
+    agent = build_agent(options)
+    try:
+        return agent, start_status_server(options.status_listen, agent)
+    except BaseException:
+        agent.store.close()  # a reload that cannot start must not leak the new store's connection
+        raise
+
+
+def _refuse_config(state_dir: str | None, exc: Exception, message: str) -> None:
+    """Log and audit a configuration that was not taken; the running one stays."""
+    reason = str(exc).replace("\n", "; ")
+    log.error(message, error=reason)
+    with contextlib.suppress(OSError):
+        AuditLog(StateDir(str(state_dir)).root).append("config-refused", error=reason)
+
+
+def _run_until_signal(agent: Agent, stop: threading.Event, reload_requested: threading.Event,
+                      ready: Callable[[], None]) -> None:
+    """Run the agent until SIGTERM/SIGINT (`stop`) or SIGHUP (`reload_requested`)."""
+    run_stop = threading.Event()
+
+    def relay() -> None:
+        while not run_stop.is_set():
+            if stop.wait(0.2) or reload_requested.is_set():
+                run_stop.set()
+
+    threading.Thread(target=relay, name="signal-relay", daemon=True).start()
+    agent.run(run_stop, ready=ready, heartbeat=watchdog_ping)
+
+
 def serve(options: AgentOptions, reload_options: Callable[[], AgentOptions]) -> None:
     """Run until SIGTERM/SIGINT; SIGHUP re-reads the configuration through `reload_options`."""
     stop = threading.Event()
@@ -221,21 +252,16 @@ def serve(options: AgentOptions, reload_options: Callable[[], AgentOptions]) -> 
     running: AgentOptions | None = None  # the configuration that last started successfully
     while True:
         try:
-            agent = build_agent(options)
-            server = start_status_server(options.status_listen, agent)
+            agent, server = _start(options)
         except (GrayagentError, OSError) as exc:
             if running is None:
                 raise  # the first start: fail loudly, systemd shows the one-line error
             # A reloaded configuration that validates but cannot start (an address in use, a refused URL):
             # keep the one that was running, as an invalid file is kept.
-            reason = str(exc).replace("\n", "; ")
-            log.error("new configuration could not start; keeping the running one", error=reason)
-            with contextlib.suppress(OSError):
-                AuditLog(Path(str(running.state_dir))).append("config-refused", error=reason)
+            _refuse_config(running.state_dir, exc, "new configuration could not start; keeping the running one")
             options, running = running, None
             continue
         running = options
-        run_stop = threading.Event()
 
         def ready(a: Agent = agent) -> None:
             nonlocal notified_ready
@@ -243,15 +269,8 @@ def serve(options: AgentOptions, reload_options: Callable[[], AgentOptions]) -> 
                 sdnotify.notify(f"READY=1\nSTATUS={a.status.state}: {a.status.reason}")
                 notified_ready = True
 
-        def relay(run_stop: threading.Event = run_stop) -> None:
-            while not run_stop.is_set():
-                if stop.wait(0.2) or reload_requested.is_set():
-                    run_stop.set()
-
-        relayer = threading.Thread(target=relay, name="signal-relay", daemon=True)
-        relayer.start()
         try:
-            agent.run(run_stop, ready=ready, heartbeat=watchdog_ping)
+            _run_until_signal(agent, stop, reload_requested, ready)
         finally:
             server.stop()
             agent.store.close()
@@ -264,7 +283,5 @@ def serve(options: AgentOptions, reload_options: Callable[[], AgentOptions]) -> 
             options = reload_options()
             log.info("configuration reloaded")
         except (InvalidDocument, UsageError) as exc:
-            with contextlib.suppress(OSError):
-                agent.audit.append("config-refused", error=str(exc).replace("\n", "; "))
-            log.error("configuration refused; keeping the running one", error=str(exc).replace("\n", "; "))
+            _refuse_config(options.state_dir, exc, "configuration refused; keeping the running one")
         sdnotify.notify("READY=1")
