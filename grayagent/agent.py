@@ -211,7 +211,9 @@ class Agent:
                 self.status.pinned = None
                 self._follow_store()
             self._synced = True
-            return self._publish(force=True).healthy
+            # status.json and the fleet entry are rewritten only when something changed: an idle agent's
+            # passes cost no disk write (the reporter re-sends the entry on its own timer).
+            return self._publish().healthy
 
     def _follow_store(self) -> None:
         read = self._read_current()
@@ -269,15 +271,14 @@ class Agent:
         version, digest = self.status.applied_version, self.status.applied_digest
         return (version, digest) if version is not None and digest is not None else None
 
-    def _publish(self, force: bool = False) -> Health:
+    def _publish(self) -> Health:
         """Assess health from this pass's observations, and show it on every surface."""
         pinned = (self.status.pinned, self.status.applied_digest or "") if self.status.pinned is not None else None
         live = self._live_reading() if self._synced and (pinned or self._applied()) else None
         return self.keeper.publish(Observation(
             target=self.target.name, synced=self._synced, applied=self._applied(), live=live,
             desired=self.status.desired_version, store_reachable=self.status.store_reachable,
-            last_error=self.status.last_error, pinned=pinned, serving_from_cache=self.status.serving_from_cache),
-            force=force)
+            last_error=self.status.last_error, pinned=pinned, serving_from_cache=self.status.serving_from_cache))
 
     def _guarded_sync(self, stop: threading.Event) -> None:
         try:

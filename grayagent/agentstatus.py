@@ -177,14 +177,14 @@ class StatusKeeper:
 
     # ------------------------------------------------------------------ publishing
 
-    def publish(self, observation: Observation, force: bool = False) -> Health:
+    def publish(self, observation: Observation) -> Health:
         """Assess, and show the result everywhere. status.json and the fleet report are rewritten only when
-        something changed (or `force`), so a health probe costs no disk write."""
+        something changed, so neither an idle pass nor a health probe costs a disk write."""
         if self.status.state_dir_error is not None or self._lost:
             self._recover()
         self._assess(observation)
         current = {k: v for k, v in self.status.as_dict().items() if k != "updated"}
-        if force or current != self._written:
+        if current != self._written:
             self.status.updated = utc_now()
             try:
                 atomic_write(self.state.status, json.dumps(self.status.as_dict(), indent=1).encode(),

@@ -125,3 +125,21 @@ def test_local_revert_and_unpin_use_the_state_layout(tmp_path: Path) -> None:
     done = grayagent("local-revert", "--unpin", "--state-dir", str(state.root), env=env)
     assert done.stdout == "unpinned: the agent follows the store again\n" and not state.pin.exists()
     assert [e["event"] for e in read_entries(state.root)] == ["unpin"]
+
+
+def test_an_idle_pass_writes_no_status(tmp_path: Path) -> None:
+    """Each pass used to rewrite status.json (temp file, fsync, rename): with a store that wakes the agent
+    often, that is disk work for nothing. Only a change is written."""
+    store = FileStore(str(tmp_path / "store"))
+    store.publish(dump(document(service())), 0, "t", "")
+    agent = Agent(store, MemoryTarget(), AgentSettings(state_dir=tmp_path / "state"))
+    assert agent.sync() is True
+    status = tmp_path / "state" / "status.json"
+    before = status.stat().st_ino
+    for _ in range(5):
+        agent.sync()
+        agent.health()
+    assert status.stat().st_ino == before
+    store.publish(dump(document(service(default="canary"))), 1, "t", "")
+    agent.sync()
+    assert status.stat().st_ino != before and json.loads(status.read_text())["applied_version"] == 2
