@@ -286,7 +286,7 @@ class Agent:
         except Exception as exc:  # a bug or an unforeseen OS error: report it, pause, keep serving
             log.exception("sync failed; retrying shortly")
             self.status.last_error = f"sync failed: {type(exc).__name__}: {exc}"
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception), self._sync_lock:
                 self._publish()
             stop.wait(1.0)
 

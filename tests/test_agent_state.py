@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,21 @@ def test_an_idle_pass_writes_no_status(tmp_path: Path) -> None:
     store.publish(dump(document(service(default="canary"))), 1, "t", "")
     agent.sync()
     assert status.stat().st_ino != before and json.loads(status.read_text())["applied_version"] == 2
+
+
+def test_a_pass_that_raises_is_reported_through_the_same_assessment(tmp_path: Path) -> None:
+    store = FileStore(str(tmp_path / "store"))
+    store.publish(dump(document(service())), 0, "t", "")
+    agent = Agent(store, MemoryTarget(), AgentSettings(state_dir=tmp_path / "state"))
+    assert agent.sync() is True
+
+    def broken() -> None:
+        raise RuntimeError("a bug")
+
+    agent.store.current = broken  # type: ignore[method-assign,assignment]
+    stop = threading.Event()
+    stop.set()  # no pause after the failure
+    agent._guarded_sync(stop)
+    status = json.loads((tmp_path / "state" / "status.json").read_text())
+    assert (status["state"], status["healthy"]) == ("degraded", False)
+    assert "sync failed: RuntimeError: a bug" in status["reason"]
