@@ -239,11 +239,12 @@ class Agent:
             self.status.last_error = None
             self.applier.forget(key)
             return
-        if drifted and self.applier.due(key):
+        if not self.applier.due(key):  # refused for good, or its retry is not due yet
+            return
+        if drifted:
             log.warning("proxy no longer serves the applied version; applying it again", version=record.version)
-        if self.applier.due(key):
-            # "drift": the proxy lost a version already applied; the audit tells a repair from a new version.
-            self.applier.apply(record, source="drift" if drifted else "store")
+        # "drift": the proxy lost a version already applied; the audit tells a repair from a new version.
+        self.applier.apply(record, source="drift" if drifted else "store")
 
     def _drifted(self, key: tuple[int, str]) -> bool:
         """The proxy lost what was applied (nginx dynamic mode after a restart holds no data): one loopback GET
