@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import functools
 import json
 import os
@@ -31,6 +32,7 @@ from grayagent.audit import AuditLog
 from grayagent.errors import GrayagentError, InvalidDocument, Problem, UsageError
 from grayagent.model import format_path, load_data
 from grayagent.observe import StatusServer
+from grayagent.state import StateDir
 from grayagent.stores import open_store, resolve_store_url
 from grayagent.targets.base import Target
 
@@ -82,12 +84,32 @@ def load_config_file(path: str) -> dict[str, Any]:
     try:
         fastjsonschema.validate(_config_schema(), data)
     except fastjsonschema.JsonSchemaException:
-        validator = jsonschema.Draft7Validator(_config_schema())
-        problems = [Problem(path, format_path(e.absolute_path), e.message if e.validator != "additionalProperties"
-                            else f"unknown key (known: {', '.join(OPTION_KEYS)})")
-                    for e in validator.iter_errors(data)]
-        raise InvalidDocument(problems) from None
+        raise InvalidDocument(_config_problems(path, data)) from None
     return dict(data)
+
+
+YAML_BOOLEAN_HINT = ("YAML reads an unquoted yes, no, on, off, true or false as a boolean; "
+                     "quote the value if you mean the word")
+
+
+def _config_problems(path: str, data: Any) -> list[Problem]:
+    """One problem per mistake, in words an operator can act on (no Python reprs)."""
+    problems: list[Problem] = []
+    for error in jsonschema.Draft7Validator(_config_schema()).iter_errors(data):
+        if error.validator == "additionalProperties" and isinstance(data, dict):
+            problems += [Problem(path, str(key), _unknown_key(str(key))) for key in data if key not in OPTION_KEYS]
+            continue
+        message = error.message
+        wanted = error.schema if isinstance(error.schema, dict) else {}
+        if isinstance(error.instance, bool) and (wanted.get("type") == "string" or "enum" in wanted):
+            message = YAML_BOOLEAN_HINT
+        problems.append(Problem(path, format_path(error.absolute_path), message))
+    return problems
+
+
+def _unknown_key(key: str) -> str:
+    close = difflib.get_close_matches(key, OPTION_KEYS, n=1)
+    return f"unknown key; did you mean {close[0]}?" if close else f"unknown key (known: {', '.join(OPTION_KEYS)})"
 
 
 def _env_value(key: str, raw: str) -> Any:
@@ -103,8 +125,9 @@ def _env_value(key: str, raw: str) -> Any:
 
 
 def resolve_options(flags: Mapping[str, Any], config_path: str | None,
-                    environ: Mapping[str, str] = os.environ) -> AgentOptions:
-    """Merge the four sources; `flags` holds only the options given on the command line."""
+                    environ: Mapping[str, str] = os.environ, need_target: bool = True) -> AgentOptions:
+    """Merge the four sources; `flags` holds only the options given on the command line. Without
+    `need_target` (commands that only read the state dir) the proxy's options may be missing."""
     merged: dict[str, Any] = load_config_file(config_path) if config_path else {}
     for key in OPTION_KEYS:
         env = environ.get(f"GRAYAGENT_{key.upper()}")
@@ -114,6 +137,8 @@ def resolve_options(flags: Mapping[str, Any], config_path: str | None,
     options = AgentOptions(**merged)
     if not options.state_dir:
         raise UsageError("--state-dir is required (flag, GRAYAGENT_STATE_DIR, or state_dir in the config file)")
+    if not need_target:
+        return options
     if options.target == "nginx" and not options.nginx_conf:
         raise UsageError("--nginx-conf is required with --target nginx")
     if options.nginx_mode not in ("reload", "dynamic"):
@@ -148,6 +173,8 @@ def build_target(options: AgentOptions) -> Target:
 
 def build_agent(options: AgentOptions) -> Agent:
     assert options.state_dir is not None
+    # First, so that a crash's leftovers go before the target takes its scratch space in tmp/.
+    StateDir(options.state_dir).prepare()
     # A vanished directory store this host has cached versions of is served from the cache; an unknown one is
     # refused (a mistyped path).
     store = open_store(resolve_store_url(options.store), cached_in=Path(options.state_dir))
@@ -156,12 +183,16 @@ def build_agent(options: AgentOptions) -> Agent:
     return Agent(store, build_target(options), settings)
 
 
-def run_once(options: AgentOptions) -> bool:
+def run_once(options: AgentOptions) -> tuple[bool, str]:
+    """One pass; whether the proxy now serves what it should (`Health.serving`), and a line saying the
+    health state and why (docs/operations.md)."""
     agent = build_agent(options)
     try:
-        return agent.sync()
+        agent.sync()
     finally:
         agent.store.close()
+    health = agent.keeper.health
+    return health.serving, f"{health.state.value}: {health.reason}"
 
 
 def watchdog_ping() -> None:
@@ -170,12 +201,45 @@ def watchdog_ping() -> None:
 
 def start_status_server(listen: str, agent: Agent) -> StatusServer:
     def status() -> dict[str, Any]:
+        agent.health()  # the same fresh assessment /healthz makes
         return agent.status.as_dict()
 
     try:
         return StatusServer(listen, agent.metrics, agent.health, status).start()
     except OSError as exc:
-        raise UsageError(f"--status-listen {listen}: {exc.strerror or exc}") from None
+        raise UsageError(f"status_listen {listen} (--status-listen, GRAYAGENT_STATUS_LISTEN or the config "
+                         f"file): {exc.strerror or exc}") from None
+
+
+def _start(options: AgentOptions) -> tuple[Agent, StatusServer]:
+    agent = build_agent(options)
+    try:
+        return agent, start_status_server(options.status_listen, agent)
+    except BaseException:
+        agent.store.close()  # a reload that cannot start must not leak the new store's connection
+        raise
+
+
+def _refuse_config(state_dir: str | None, exc: Exception, message: str) -> None:
+    """Log and audit a configuration that was not taken; the running one stays."""
+    reason = str(exc).replace("\n", "; ")
+    log.error(message, error=reason)
+    with contextlib.suppress(OSError):
+        AuditLog(StateDir(str(state_dir)).root).append("config-refused", error=reason)
+
+
+def _run_until_signal(agent: Agent, stop: threading.Event, reload_requested: threading.Event,
+                      ready: Callable[[], None]) -> None:
+    """Run the agent until SIGTERM/SIGINT (`stop`) or SIGHUP (`reload_requested`)."""
+    run_stop = threading.Event()
+
+    def relay() -> None:
+        while not run_stop.is_set():
+            if stop.wait(0.2) or reload_requested.is_set():
+                run_stop.set()
+
+    threading.Thread(target=relay, name="signal-relay", daemon=True).start()
+    agent.run(run_stop, ready=ready, heartbeat=watchdog_ping)
 
 
 def serve(options: AgentOptions, reload_options: Callable[[], AgentOptions]) -> None:
@@ -190,37 +254,25 @@ def serve(options: AgentOptions, reload_options: Callable[[], AgentOptions]) -> 
     running: AgentOptions | None = None  # the configuration that last started successfully
     while True:
         try:
-            agent = build_agent(options)
-            server = start_status_server(options.status_listen, agent)
+            agent, server = _start(options)
         except (GrayagentError, OSError) as exc:
             if running is None:
                 raise  # the first start: fail loudly, systemd shows the one-line error
             # A reloaded configuration that validates but cannot start (an address in use, a refused URL):
             # keep the one that was running, as an invalid file is kept.
-            reason = str(exc).replace("\n", "; ")
-            log.error("new configuration could not start; keeping the running one", error=reason)
-            with contextlib.suppress(OSError):
-                AuditLog(Path(str(running.state_dir))).append("config-refused", error=reason)
+            _refuse_config(running.state_dir, exc, "new configuration could not start; keeping the running one")
             options, running = running, None
             continue
         running = options
-        run_stop = threading.Event()
 
         def ready(a: Agent = agent) -> None:
             nonlocal notified_ready
             if not notified_ready:
-                sdnotify.notify(f"READY=1\nSTATUS=serving version {a.status.applied_version}")
+                sdnotify.notify(f"READY=1\nSTATUS={a.status.state}: {a.status.reason}")
                 notified_ready = True
 
-        def relay(run_stop: threading.Event = run_stop) -> None:
-            while not run_stop.is_set():
-                if stop.wait(0.2) or reload_requested.is_set():
-                    run_stop.set()
-
-        relayer = threading.Thread(target=relay, name="signal-relay", daemon=True)
-        relayer.start()
         try:
-            agent.run(run_stop, ready=ready, heartbeat=watchdog_ping)
+            _run_until_signal(agent, stop, reload_requested, ready)
         finally:
             server.stop()
             agent.store.close()
@@ -233,68 +285,5 @@ def serve(options: AgentOptions, reload_options: Callable[[], AgentOptions]) -> 
             options = reload_options()
             log.info("configuration reloaded")
         except (InvalidDocument, UsageError) as exc:
-            with contextlib.suppress(OSError):
-                agent.audit.append("config-refused", error=str(exc).replace("\n", "; "))
-            log.error("configuration refused; keeping the running one", error=str(exc).replace("\n", "; "))
+            _refuse_config(options.state_dir, exc, "configuration refused; keeping the running one")
         sdnotify.notify("READY=1")
-
-
-def local_versions(options: AgentOptions) -> list[dict[str, Any]]:
-    """What a break-glass revert can restore: the versions this host applied recently."""
-    from grayagent.agent import read_pin
-    from grayagent.stores.localcache import cached_versions
-
-    assert options.state_dir is not None
-    pin = read_pin(Path(options.state_dir))
-    return [{**r.meta.as_dict(), "pinned": bool(pin and pin.get("version") == r.version)}
-            for r in cached_versions(Path(options.state_dir), options.store)]
-
-
-def local_revert(options: AgentOptions, version: int, reason: str) -> dict[str, Any]:
-    """Break-glass: apply a version from this host's cache straight to the proxy and pin it.
-
-    For when the store is down or serving a bad version. The pin stops the agent from applying store
-    versions until `unpin`; publish a proper `grayagent revert` once the store is back, then unpin.
-    """
-    from grayagent.agent import PIN_FILE
-    from grayagent.audit import AuditLog
-    from grayagent.fsutil import atomic_write
-    from grayagent.model import parse_document
-    from grayagent.stores.localcache import cached_versions
-
-    assert options.state_dir is not None
-    state = Path(options.state_dir)
-    records = {r.version: r for r in cached_versions(state, options.store)}
-    if version not in records:
-        known = ", ".join(map(str, sorted(records))) or "none"
-        raise UsageError(f"version {version} is not in {state / 'cache'} (cached: {known})")
-    record = records[version]
-    digest = record.meta.digest
-    release = parse_document(record.content, f"{state / 'cache'}#{version}")
-    target = build_target(options)
-    pin = {"version": version, "digest": digest, "reason": reason, "pinned_by": "grayagent local-revert"}
-    previous_pin = (state / PIN_FILE).read_bytes() if (state / PIN_FILE).exists() else None
-    atomic_write(state / PIN_FILE, json.dumps(pin).encode())  # first, so a running agent cannot interleave
-    result = target.apply(target.render(release, version, digest), version, digest)
-    AuditLog(state).append("break-glass", version=version, digest=digest, target=target.name, reason=reason,
-                           result="ok" if result.ok else "failed", steps_ms=result.steps_ms, error=result.error)
-    if not result.ok:
-        if previous_pin is None:
-            (state / PIN_FILE).unlink(missing_ok=True)
-        else:
-            atomic_write(state / PIN_FILE, previous_pin)
-        raise UsageError(f"local revert to version {version} failed: {result.error}")
-    return pin
-
-
-def unpin(options: AgentOptions) -> bool:
-    from grayagent.agent import PIN_FILE
-    from grayagent.audit import AuditLog
-
-    assert options.state_dir is not None
-    state = Path(options.state_dir)
-    if not (state / PIN_FILE).exists():
-        return False
-    (state / PIN_FILE).unlink()
-    AuditLog(state).append("unpin")
-    return True

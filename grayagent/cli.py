@@ -1,4 +1,7 @@
-"""Command line: verbs map one-to-one onto grayagent.usecases. No logic lives here.
+"""Command line: each verb parses its flags, calls one function, and prints the result.
+
+The function is in grayagent.usecases for the store and state-dir verbs, grayagent.agentrun for the agent
+service, and grayagent.rollout for rollouts. Text for humans is formatted here; decisions are made there.
 
 Exit codes: 0 ok; 1 invalid input or a failed operation; 2 usage; 3 compare-and-set conflict.
 Errors are one line each on stderr.
@@ -20,6 +23,7 @@ from click.core import ParameterSource
 from grayagent import usecases
 from grayagent.errors import GrayagentError, InvalidDocument, UsageError
 from grayagent.routing import Request
+from grayagent.state import StateDir
 from grayagent.stores import Store, open_store, resolve_store_url
 
 if TYPE_CHECKING:
@@ -62,13 +66,23 @@ def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-level", default=None, type=click.Choice(["debug", "info", "warning", "error"]),
+              help="Default: info for the services (agent, rollout run), warning for the other commands.")
 @click.version_option(package_name="grayagent")
-def cli(log_level: str) -> None:
+@click.pass_context
+def cli(ctx: click.Context, log_level: str | None) -> None:
     """Gray-release rules from a config store, rendered into nginx and Envoy."""
     from grayagent.logsetup import configure
 
-    configure(log_level)
+    ctx.meta["grayagent.log_level"] = log_level
+    configure(log_level or "warning", json_output=False)  # commands: human lines; services switch below
+
+
+def _service_logging() -> None:
+    """A long-running service logs JSON lines when stderr is not a terminal (journald), at info by default."""
+    from grayagent.logsetup import configure
+
+    configure(click.get_current_context().meta.get("grayagent.log_level") or "info")
 
 
 @cli.command()
@@ -128,7 +142,7 @@ def history(store_url: str | None, verify: bool, output: str) -> None:
         if breaks:
             sys.exit(1)
         return
-    metas = store.history()
+    metas = usecases.history(store)
     if output == "json":
         click.echo(json.dumps([m.as_dict() for m in metas]))
         return
@@ -251,15 +265,21 @@ def _agent_flags() -> dict[str, Any]:
 @click.option("--status-listen", default=None, help="Address of /healthz and /metrics (default 127.0.0.1:9180).")
 @click.option("--min-apply-interval", type=click.FloatRange(min=0), default=None,
               help="Seconds between applies; bursts of publishes coalesce into one apply (default 1).")
-@click.option("--once", is_flag=True, help="Apply the current version once and exit (0 healthy, 1 not).")
+@click.option("--once", is_flag=True, help="Apply the current version once, print the health state, and exit: 0 "
+                                           "healthy, stale (store unreachable, last-good kept) or pinned; 1 "
+                                           "otherwise, including while nothing is published.")
 def agent(config: str | None, once: bool, **_: Any) -> None:
     """Watch the store and keep the proxy on its current version."""
     from grayagent import agentrun
 
     flags = _agent_flags()
     options = agentrun.resolve_options(flags, config)
+    if not once:
+        _service_logging()
     if once:
-        sys.exit(0 if agentrun.run_once(options) else 1)
+        serving, line = agentrun.run_once(options)
+        click.echo(line)
+        sys.exit(0 if serving else 1)
     agentrun.serve(options, lambda: agentrun.resolve_options(flags, config))
 
 
@@ -278,20 +298,22 @@ def local_revert(version: int | None, config: str | None, state_dir: str | None,
     from grayagent import agentrun
 
     flags = {"state_dir": state_dir} if state_dir else {}
-    options = agentrun.resolve_options(flags, config)
+    options = agentrun.resolve_options(flags, config, need_target=version is not None)
+    state = Path(str(options.state_dir))
     if list_versions:
-        versions = agentrun.local_versions(options)
+        versions = usecases.local_versions(state, options.store)
         _emit(output, versions, "\n".join(f"{v['version']:>7}  {v['created']:27}  {v['digest'][:19]}  "
-                                           f"{'PINNED  ' if v['pinned'] else ''}{v['message']}" for v in versions))
+                                           f"{'PINNED  ' if v['pinned'] else ''}{v['message']}" for v in versions)
+              or f"no versions cached in {state}")
         return
     if unpin:
-        released = agentrun.unpin(options)
+        released = usecases.unpin(state)
         _emit(output, {"unpinned": released}, "unpinned: the agent follows the store again" if released
               else "nothing was pinned")
         return
     if version is None:
         raise click.UsageError("give a VERSION, or --list, or --unpin")
-    pin = agentrun.local_revert(options, version, message)
+    pin = usecases.local_revert(state, agentrun.build_target(options), version, message, options.store)
     _emit(output, pin, f"version {version} applied and pinned on this host; publish `grayagent revert {version}` "
                        "when the store is back, then `grayagent local-revert --unpin`")
 
@@ -308,18 +330,26 @@ def status(store_url: str | None, wait_seconds: float | None, min_agents: int, o
     store = _open(store_url)
     report = (usecases.wait_for_convergence(store, wait_seconds, min_agents) if wait_seconds is not None
               else usecases.fleet_status(store, min_agents))
-    if output == "json":
-        click.echo(json.dumps(report))
-    else:
-        state = "converged" if report["converged"] else "NOT converged"
-        click.echo(f"current version {report['current_version']}: {len(report['agents'])} agents, {state}")
-        for a in report["agents"]:
-            error = f"  error: {a['last_error']}" if a.get("last_error") else ""
-            reach = "" if a.get("store_reachable") else "  store unreachable"
-            click.echo(f"  {a.get('host')!s:30} version {a.get('applied_version')!s:>6}  "
-                       f"{'healthy' if a.get('healthy') else 'UNHEALTHY'}{reach}{error}")
+    _emit(output, report, _fleet_text(report))
     if not report["converged"]:
         sys.exit(1)
+
+
+def _fleet_text(report: dict[str, Any]) -> str:
+    """Each agent's health state (docs/operations.md, "Health") and why, in words."""
+    count = len(report["agents"])
+    version = report["current_version"]
+    head = f"current version {version}" if version is not None else "nothing published yet"
+    lines = [f"{head}: {count} agent{'' if count == 1 else 's'} reporting, "
+             f"{'converged' if report['converged'] else 'NOT converged'}"]
+    for agent in report["agents"]:
+        state = agent.get("state") or ("healthy" if agent.get("healthy") else "unhealthy")  # older agents
+        applied = agent.get("applied_version")
+        host = str(agent.get("host") or "?")
+        reason = agent.get("reason") or agent.get("last_error") or ""
+        lines.append(f"  {host:30} {state:9} version {applied if applied is not None else '-':>6}"
+                     f"{'  ' + reason if reason else ''}")
+    return "\n".join(lines)
 
 
 @cli.group(name="rollout")
@@ -342,6 +372,7 @@ def rollout_run(store_url: str | None, interval: float, state_dir: Path | None, 
     from grayagent.rollout.sources import parse_metrics_hosts
 
     allowed = parse_metrics_hosts(metrics_hosts) if metrics_hosts else None
+    _service_logging()
     service.serve(_open(store_url), interval, state_dir, allowed)
 
 
@@ -527,7 +558,7 @@ def audit_verify(state_dir: Path, output: str) -> None:
     """Check the hash chain; exit 1 if any entry was edited, removed or reordered."""
     problems = usecases.audit_verify(state_dir)
     _emit(output, {"intact": not problems, "problems": problems},
-          "\n".join(problems) if problems else f"{state_dir / 'audit.jsonl'}: intact")
+          "\n".join(problems) if problems else f"{StateDir(state_dir).audit}: intact")
     if problems:
         sys.exit(1)
 
@@ -567,6 +598,10 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"grayagent: {exc}", err=True)
         sys.exit(exc.exit_code)
     except BrokenPipeError:
+        sys.exit(1)
+    except OSError as exc:  # a full disk, a read-only store: one line naming the file, never a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        click.echo(f"grayagent: {where}{exc.strerror or exc}", err=True)
         sys.exit(1)
 
 

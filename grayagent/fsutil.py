@@ -28,9 +28,11 @@ def _write_temp(path: Path, data: bytes, mode: int) -> str:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:  # a full disk: say which file could not be written
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     return tmp
 
@@ -59,3 +61,17 @@ def create_exclusive(path: Path, data: bytes, mode: int = RENDERED_MODE) -> bool
             os.unlink(tmp)
     fsync_dir(path.parent)
     return True
+
+
+def remove_stale_temps(path: Path) -> int:
+    """Remove the temp files that `atomic_write(path)` leaves if the process dies between write and rename.
+
+    `path` may end in a glob (`cache/*.json`). Call it only at start-up, when no writer of `path` runs.
+    Returns how many were removed.
+    """
+    removed = 0
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
+            removed += 1
+    return removed

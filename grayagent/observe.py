@@ -1,7 +1,8 @@
-"""The agent's /metrics (Prometheus text format, prometheus-client) and /healthz, on loopback by default.
+"""The agent's /metrics (Prometheus text format, prometheus-client), /healthz and /status, on loopback by default.
 
-/healthz answers 200 only when the applied version is known and the gateway itself confirms it serves that
-version; otherwise 503 with the reason. Both bodies carry no secrets (store URLs are already redacted).
+Health is defined once, in grayagent/health.py. /healthz answers 200 only in the `healthy` state, otherwise
+503; its body, /status and the `grayagent_healthy` / `grayagent_health_state` gauges show the same state
+and reason. The bodies carry no secrets (store URLs are already redacted).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from grayagent.health import State
 
 STEP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -37,8 +40,11 @@ class AgentMetrics:
                                list(labels), registry=self.registry).labels(**labels)
         self.store_up = Gauge("grayagent_store_up", "1 when the store answered the last read.",
                               list(labels), registry=self.registry).labels(**labels)
-        self.healthy = Gauge("grayagent_healthy", "1 when the proxy serves the store's current version.",
-                             list(labels), registry=self.registry).labels(**labels)
+        self.healthy = Gauge("grayagent_healthy", "1 in the healthy state: the proxy serves the store's current "
+                             "version.", list(labels), registry=self.registry).labels(**labels)
+        states = Gauge("grayagent_health_state", "1 for the agent's health state (docs/operations.md), 0 for "
+                       "the others.", ["target", "state"], registry=self.registry)
+        self.states = {s.value: states.labels(target, s.value) for s in State}
         self.watch_lag = Gauge("grayagent_watch_lag_seconds",
                                "How long the proxy has been behind the store's current version (0: in step).",
                                list(labels), registry=self.registry).labels(**labels)
@@ -55,12 +61,14 @@ class AgentMetrics:
             self.reloads.inc()
         self.last_apply.set(time.time())
 
-    def record_state(self, applied: int | None, desired: int | None, store_up: bool, healthy: bool) -> None:
+    def record_state(self, applied: int | None, desired: int | None, store_up: bool, state: str) -> None:
         self.applied_version.set(applied or 0)
         if desired is not None:
             self.desired_version.set(desired)
         self.store_up.set(1 if store_up else 0)
-        self.healthy.set(1 if healthy else 0)
+        self.healthy.set(1 if state == State.HEALTHY.value else 0)
+        for name, gauge in self.states.items():
+            gauge.set(1 if name == state else 0)
         behind = desired is not None and applied != desired
         now = time.monotonic()
         if behind and self._behind_since is None:

@@ -1,4 +1,5 @@
-"""One function per CLI verb. The CLI parses flags and prints; everything else happens here."""
+"""One function per CLI verb (the agent service and rollouts have their own modules). The CLI parses flags
+and prints; everything else happens here."""
 
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ from typing import Any
 
 from grayagent import audit
 from grayagent.errors import InvalidDocument, Problem, UsageError
+from grayagent.fsutil import atomic_write
 from grayagent.model import Release, parse_document
 from grayagent.routing import Decision, Request, route
+from grayagent.state import StateDir
 from grayagent.stores import Store
 from grayagent.stores.base import FleetStatus, VersionMeta, VersionRecord
 from grayagent.stores.chain import ChainBreak, require_intact, verify_chain
+from grayagent.stores.localcache import cached_versions
+from grayagent.targets.base import Target
 
 
 def read_file(path: str) -> bytes:
@@ -50,6 +55,10 @@ def publish(store: Store, path: str, author: str, message: str, expected: int | 
         current = store.current()
         expected = current.version if current else 0
     return store.publish(content, expected, author, message)
+
+
+def history(store: Store) -> list[VersionMeta]:
+    return store.history()
 
 
 def show(store: Store, version: int | None) -> VersionRecord:
@@ -142,7 +151,7 @@ def audit_entries(state_dir: Path) -> list[dict[str, Any]]:
     except FileNotFoundError:
         raise UsageError(f"--state-dir: {state_dir}: no audit log there") from None
     except ValueError as exc:
-        raise InvalidDocument([Problem(str(state_dir / "audit.jsonl"), "", f"not JSON lines: {exc}")]) from None
+        raise InvalidDocument([Problem(str(StateDir(state_dir).audit), "", f"not JSON lines: {exc}")]) from None
 
 
 def audit_verify(state_dir: Path) -> list[str]:
@@ -171,3 +180,53 @@ def wait_for_convergence(store: Store, seconds: float, min_agents: int = 1, poll
         if status["converged"] or time.monotonic() >= deadline:
             return status
         time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
+
+
+def local_versions(state_dir: Path, store_url: str | None = None) -> list[dict[str, Any]]:
+    """What a break-glass revert can restore: the versions this host applied recently from that store."""
+    from grayagent.agent import read_pin
+
+    pin = read_pin(state_dir)
+    return [{**r.meta.as_dict(), "pinned": bool(pin and pin.get("version") == r.version)}
+            for r in cached_versions(state_dir, store_url)]
+
+
+def local_revert(state_dir: Path, target: Target, version: int, reason: str,
+                 store_url: str | None = None) -> dict[str, Any]:
+    """Break-glass: apply a version from this host's cache straight to the proxy and pin it.
+
+    For when the store is down or serving a bad version. The pin stops the agent from applying store
+    versions until `unpin`; publish a proper `grayagent revert` once the store is back, then unpin.
+    """
+    state = StateDir(state_dir)
+    records = {r.version: r for r in cached_versions(state_dir, store_url)}
+    if version not in records:
+        known = ", ".join(map(str, sorted(records))) or "none"
+        raise UsageError(f"version {version} is not in {state.cache_dir} (cached: {known})")
+    record = records[version]
+    digest = record.meta.digest
+    release = parse_document(record.content, f"{state.cache_dir}#{version}")
+    pin = {"version": version, "digest": digest, "reason": reason, "pinned_by": "grayagent local-revert"}
+    previous_pin = state.pin.read_bytes() if state.pin.exists() else None
+    atomic_write(state.pin, json.dumps(pin).encode())  # first, so a running agent cannot interleave
+    result = target.apply(target.render(release, version, digest), version, digest)
+    audit.AuditLog(state.root).append("break-glass", version=version, digest=digest, target=target.name,
+                                      reason=reason, result="ok" if result.ok else "failed",
+                                      steps_ms=result.steps_ms, error=result.error)
+    if not result.ok:
+        if previous_pin is None:
+            state.pin.unlink(missing_ok=True)
+        else:
+            atomic_write(state.pin, previous_pin)
+        raise UsageError(f"local revert to version {version} failed: {result.error}")
+    return pin
+
+
+def unpin(state_dir: Path) -> bool:
+    """Let the agent follow the store again; False when nothing was pinned."""
+    state = StateDir(state_dir)
+    if not state.pin.exists():
+        return False
+    state.pin.unlink()
+    audit.AuditLog(state.root).append("unpin")
+    return True

@@ -6,6 +6,8 @@ import http.client
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -89,6 +91,15 @@ class Client:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def http_get(url: str, timeout: float = 5) -> tuple[int, str]:
+    """Status and body of a GET, for any status (the agent's /healthz answers 503 when not healthy)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
 
 
 def grayagent(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:

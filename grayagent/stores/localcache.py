@@ -19,13 +19,13 @@ import structlog
 
 from grayagent.errors import StoreError, UsageError
 from grayagent.fsutil import RENDERED_MODE, atomic_write
+from grayagent.state import StateDir
 from grayagent.stores import envelope
 from grayagent.stores.base import VersionRecord
 from grayagent.stores.urls import store_identity
 
 log = structlog.get_logger("grayagent.cache")
 
-CACHE_DIR = "cache"
 LAST_GOOD = "last-good.json"
 IDENTITY_FILE = "store"
 CACHE_KEEP = 20
@@ -33,7 +33,7 @@ CACHE_KEEP = 20
 
 def cache_dir(state_dir: Path, store_url: str) -> Path:
     identity = store_identity(store_url)
-    return state_dir / CACHE_DIR / hashlib.sha256(identity.encode("utf-8")).hexdigest()[:16]
+    return StateDir(state_dir).cache_dir / hashlib.sha256(identity.encode("utf-8")).hexdigest()[:16]
 
 
 def save_cache(state_dir: Path, store_url: str, record: VersionRecord) -> None:
@@ -54,7 +54,7 @@ def load_cache(state_dir: Path, store_url: str) -> VersionRecord | None:
 def cached_stores(state_dir: Path) -> dict[str, Path]:
     """identity -> cache directory, for every store this host has cached versions of."""
     out = {}
-    for identity_file in sorted((state_dir / CACHE_DIR).glob(f"*/{IDENTITY_FILE}")):
+    for identity_file in sorted(StateDir(state_dir).cache_dir.glob(f"*/{IDENTITY_FILE}")):
         try:
             out[identity_file.read_text("utf-8").strip()] = identity_file.parent
         except OSError:
@@ -73,7 +73,7 @@ def cached_versions(state_dir: Path, store_url: str | None) -> list[VersionRecor
     else:
         stores = cached_stores(state_dir)
         if len(stores) > 1:
-            raise UsageError(f"--store: {state_dir / CACHE_DIR} holds versions of {len(stores)} stores "
+            raise UsageError(f"--store: {StateDir(state_dir).cache_dir} holds versions of {len(stores)} stores "
                              f"({', '.join(sorted(stores))}); name the store")
         if not stores:
             return []
