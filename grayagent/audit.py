@@ -18,6 +18,7 @@ host when that matters.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -31,6 +32,7 @@ import structlog
 
 from grayagent.errors import GrayagentError
 from grayagent.fsutil import RENDERED_MODE, atomic_write
+from grayagent.state import StateDir
 from grayagent.stores.base import utc_now
 
 log = structlog.get_logger("grayagent.audit")
@@ -106,8 +108,9 @@ class AuditLog:
     the lock: the agent and a break-glass `grayagent local-revert` may write to the same log."""
 
     def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / "audit.jsonl"
-        self.head_path = state_dir / "audit.head"
+        state = StateDir(state_dir)
+        self.path = state.audit
+        self.head_path = state.audit_head
         self._lock = threading.Lock()
 
     @staticmethod
@@ -128,13 +131,30 @@ class AuditLog:
         return None
 
     def _write(self, fd: int, tail: dict[str, Any] | None, event: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """Append one entry and move the head to it, or leave both files as they were.
+
+        On a full disk the log's write can be short (the entry fills the file's last page) or the head's
+        can fail (it needs a fresh block): either way the log is cut back to where it was, so no torn line
+        stays for the next entry to run into, and the caller learns the entry was not written."""
         seq = int(tail.get("seq", 0)) if tail else 0
         prev = str(tail.get("hash", GENESIS)) if tail else GENESIS
         entry: dict[str, Any] = {"seq": seq + 1, "time": utc_now(), "event": event, **fields, "prev": prev}
         entry["hash"] = entry_hash(entry)
-        os.write(fd, _canonical(entry) + b"\n")
-        os.fsync(fd)
-        atomic_write(self.head_path, _canonical({"seq": entry["seq"], "hash": entry["hash"]}) + b"\n")
+        size = os.fstat(fd).st_size
+        # A torn line from a crash (or a process killed mid-write) must not swallow this entry: start anew.
+        data = (b"\n" if size and os.pread(fd, 1, size - 1) != b"\n" else b"") + _canonical(entry) + b"\n"
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes)", str(self.path))
+            os.fsync(fd)
+            atomic_write(self.head_path, _canonical({"seq": entry["seq"], "hash": entry["hash"]}) + b"\n")
+        except BaseException:
+            head = _read_head(self.head_path)
+            if head is None or head.get("hash") != entry["hash"]:  # the head does not name it: take it back
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            raise
         return entry
 
     def _append_locked(self, event: str, fields: dict[str, Any],
@@ -145,9 +165,6 @@ class AuditLog:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 if before_write is not None:
                     fields = before_write(fields)
-                size = os.fstat(fd).st_size
-                if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn line from a crash: start a new one
-                    os.write(fd, b"\n")
                 tail = self._tail(fd)
                 head = _read_head(self.head_path)
 
@@ -202,7 +219,7 @@ def _readable_entries(path: Path) -> list[dict[str, Any]]:
 
 
 def read_entries(state_dir: Path) -> list[dict[str, Any]]:
-    path = state_dir / "audit.jsonl"
+    path = StateDir(state_dir).audit
     out = []
     with open(path, "rb") as f:
         for raw in f:
@@ -226,7 +243,8 @@ def _describe_gap(path: Path, lineno: int, gap: dict[str, Any]) -> str:
 
 def verify(state_dir: Path) -> list[str]:
     """Problems found in the chain, one line each; empty when the log is intact and every gap acknowledged."""
-    path = state_dir / "audit.jsonl"
+    state = StateDir(state_dir)
+    path = state.audit
     problems: list[str] = []
     prev, seq = GENESIS, 0
     entries: list[tuple[int, dict[str, Any]]] = []
@@ -256,7 +274,7 @@ def verify(state_dir: Path) -> list[str]:
         prev, seq = str(entry.get("hash")), int(entry.get("seq", seq + 1))
     open_gaps = {id(g) for g in _open_gaps([e for _, e in entries])}
     problems += [_describe_gap(path, lineno, e) for lineno, e in entries if id(e) in open_gaps]
-    head_path = state_dir / "audit.head"
+    head_path = state.audit_head
     head = _read_head(head_path)
     tail = entries[-1][1] if entries else None
     if head is None and head_path.exists():

@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from grayagent.audit import AuditLog, entry_hash, read_entries, verify
 from tests.agenthelp import grayagent
+from tests.test_agent_cli import fill, small_tmpfs
 
 
 def _cut(state: Path, entries: int) -> None:
@@ -124,3 +127,25 @@ def test_a_torn_last_line_does_not_swallow_the_next_entry(tmp_path: Path) -> Non
     entry = audit.append("apply", version=1)
     last = (tmp_path / "audit.jsonl").read_text().splitlines()[-1]
     assert json.loads(last) == entry
+
+
+def test_a_full_disk_leaves_no_torn_line_only_the_recorded_gap(tmp_path: Path) -> None:
+    with small_tmpfs(tmp_path / "state", "64k") as state:
+        audit = AuditLog(state)
+        audit.append("start", target="nginx")
+        before = (state / "audit.jsonl").read_bytes()
+        assert len(before) % 4096, "the log's last page has room left: the big entry's write will be short"
+        filler = fill(state)
+        with pytest.raises(OSError):  # fills the last page, then the disk: a short write
+            audit.append("apply", version=1, error="x" * 6000)
+        assert (state / "audit.jsonl").read_bytes() == before
+        with pytest.raises(OSError):  # fits in the last page, but the head needs a fresh block
+            audit.append("apply", version=2)
+        assert (state / "audit.jsonl").read_bytes() == before
+
+        filler.unlink()  # space returns
+        audit.record_gap("write_failed", lost=2)
+        audit.append("apply", version=3)
+        assert [e["event"] for e in read_entries(state)] == ["start", "gap", "apply"]
+        problems = verify(state)
+        assert len(problems) == 1 and "gap at seq 2 (write_failed): lost=2" in problems[0], problems
