@@ -145,9 +145,10 @@ class StatusKeeper:
     def _write_gap(self) -> bool:
         """Record the entries a full disk swallowed (event names and times only: their details are gone)."""
         try:
-            self.audit_log.append("gap", cause="state dir not writable", lost=len(self._lost),
-                                  lost_events=[e["event"] for e in self._lost], since=self._lost[0]["time"],
-                                  until=self._lost[-1]["time"], error=self.status.state_dir_error)
+            # A write_failed gap: `grayagent audit verify` reports it until an operator acknowledges it.
+            self.audit_log.record_gap("write_failed", cause="state dir not writable", lost=len(self._lost),
+                                      lost_events=[e["event"] for e in self._lost], since=self._lost[0]["time"],
+                                      until=self._lost[-1]["time"], error=self.status.state_dir_error)
         except OSError:
             return False
         log.warning("audit entries were lost while the state dir was not writable; gap recorded",
@@ -156,8 +157,7 @@ class StatusKeeper:
         return True
 
     def _space_back(self) -> bool:
-        """Whether a write that needs fresh space succeeds. Tried before the audit log, where a write on a
-        full disk can be short and leave a torn line."""
+        """Whether a write that needs a fresh block succeeds: then the gap entry and its head fit too."""
         probe = self.state.tmp_dir() / "write-probe"
         try:
             atomic_write(probe, b"\0" * PROBE_SIZE)

@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 
 from grayagent.agent import Agent, AgentSettings
 from grayagent.agentrun import AgentOptions, build_agent
-from grayagent.audit import read_entries
+from grayagent.audit import read_entries, verify
 from grayagent.fsutil import atomic_write
 from grayagent.model import Release
 from grayagent.state import StateDir
@@ -67,15 +67,19 @@ def test_a_full_state_disk_is_degraded_logged_once_and_leaves_a_gap_marker(tmp_p
 
         filler.unlink()  # space returns
         assert agent.sync() is True and agent.status.state == "healthy"
-        # On a full disk AuditLog.append's write can be short (it fills the last page of audit.jsonl), which
-        # leaves a torn line that the next append runs into (audit.py, reported to its owner). So read the gap
-        # entry from the raw text rather than through read_entries/verify.
-        raw = (state_dir / "audit.jsonl").read_text()
-        line = next(line for line in raw.splitlines() if '"event":"gap"' in line)
-        gap = json.loads(line[line.index('{"cause"'):])  # canonical JSON: keys sorted, "cause" first
-        assert gap["lost_events"] == ["apply"] and gap["lost"] == 1, raw
-        assert raw.count('"event":"gap"') == 1
+        gaps = [e for e in read_entries(state_dir) if e["event"] == "gap"]
+        assert len(gaps) == 1 and gaps[0]["reason"] == "write_failed", gaps
+        assert gaps[0]["lost_events"] == ["apply"] and gaps[0]["lost"] == 1
         assert json.loads((state_dir / "status.json").read_text())["state"] == "healthy"
+
+        # The gap keeps `audit verify` failing, and only that, until an operator acknowledges it.
+        problems = verify(state_dir)
+        assert len(problems) == 1 and f"gap at seq {gaps[0]['seq']} (write_failed)" in problems[0], problems
+        assert grayagent("audit", "verify", "--state-dir", str(state_dir)).returncode == 1
+        done = grayagent("audit", "ack", "--state-dir", str(state_dir), "--reason", "disk full, space freed")
+        assert done.returncode == 0, done.stderr
+        done = grayagent("audit", "verify", "--state-dir", str(state_dir))
+        assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_the_next_start_removes_what_a_crash_left(tmp_path: Path) -> None:
