@@ -34,7 +34,7 @@ from grayagent.agentstatus import AgentStatus, StatusKeeper, StatusReporter
 from grayagent.audit import AuditLog
 from grayagent.errors import GrayagentError, InvalidDocument
 from grayagent.health import Health, Observation
-from grayagent.model import parse_document
+from grayagent.model import parse_document, reserved_listen_problems
 from grayagent.observe import AgentMetrics
 from grayagent.rollout.traffic import TrafficCollector, TrafficSource
 from grayagent.state import StateDir
@@ -58,6 +58,9 @@ class AgentSettings:
     store_retry_max: float = 30.0
     status_interval: float = 10.0     # fleet status re-report period; it carries the traffic counters too
     host: str = field(default_factory=socket.gethostname)
+    # The agent's own addresses (flag -> "host:port": its status listen, nginx's verify listen): a document
+    # that would listen on one is refused like any bad document. Only the agent knows them, not the document.
+    reserved_listens: dict[str, str] = field(default_factory=dict)
 
 
 def read_pin(state_dir: Path) -> dict[str, Any] | None:
@@ -363,7 +366,10 @@ class Applier:
         steps: dict[str, float] = {}
         started = time.perf_counter()
         try:
-            release = parse_document(record.content, f"{agent.store.url}#{version}")
+            where = f"{agent.store.url}#{version}"
+            release = parse_document(record.content, where)
+            if taken := reserved_listen_problems(release, where, agent.settings.reserved_listens):
+                raise InvalidDocument(taken)
         except InvalidDocument as exc:
             self._refuse(key, base, "; ".join(str(p) for p in exc.problems[:5]))
             return

@@ -171,6 +171,14 @@ def build_target(options: AgentOptions) -> Target:
                                      access_log=Path(options.nginx_access_log) if options.nginx_access_log else None))
 
 
+def reserved_listens(options: AgentOptions) -> dict[str, str]:
+    """The addresses the agent itself listens on, by the flag that sets them: no document may take them."""
+    reserved = {"--status-listen": options.status_listen}
+    if options.target == "nginx":
+        reserved["--verify-listen"] = options.verify_listen
+    return reserved
+
+
 def build_agent(options: AgentOptions) -> Agent:
     assert options.state_dir is not None
     # First, so that a crash's leftovers go before the target takes its scratch space in tmp/.
@@ -179,7 +187,8 @@ def build_agent(options: AgentOptions) -> Agent:
     # refused (a mistyped path).
     store = open_store(resolve_store_url(options.store), cached_in=Path(options.state_dir))
     settings = AgentSettings(state_dir=Path(options.state_dir), min_apply_interval=options.min_apply_interval,
-                             host=options.host, status_interval=options.status_interval)
+                             host=options.host, status_interval=options.status_interval,
+                             reserved_listens=reserved_listens(options))
     return Agent(store, build_target(options), settings)
 
 

@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from grayagent.audit import verify
+from grayagent.agentrun import AgentOptions, reserved_listens
+from grayagent.audit import read_entries, verify
 from grayagent.model import parse_document
 from grayagent.routing import Request, route
 from grayagent.stores.file import FileStore
@@ -124,6 +125,30 @@ def test_bad_document_changes_nothing(tmp_path: Path, nginx, backends) -> None:
         assert nginx_target(nginx).live_version()[0] == 1
         assert Client(port).get("/", {"X-User-Id": "x"})[1] == "stable"
 
+
+
+def test_a_document_on_the_agents_verify_listen_is_refused(tmp_path: Path, nginx, backends) -> None:
+    port = free_port()
+    store = FileStore(str(tmp_path / "store"))
+    publish(store, make_doc(backends, port, {"stable": 100, "canary": 0, "beta": 0}))
+    options = AgentOptions(state_dir=str(tmp_path / "state"), nginx_conf=str(nginx.conf),
+                           verify_listen=nginx.verify_listen)
+    with running_agent(store, nginx, tmp_path / "state", min_apply_interval=0.1,
+                       reserved_listens=reserved_listens(options)) as agent:
+        wait_live(nginx, 1)
+        before_conf = nginx.conf.read_bytes()
+        # Valid on its own: only the agent knows that nginx's verify server listens there.
+        publish(store, document(service(listen=nginx.verify_listen,
+                                        servers={"stable": [f"127.0.0.1:{backends['stable'].port}"]})))
+        wait_until(lambda: agent.status.last_error is not None, 10, "the agent to refuse version 2")
+        assert "version 2 refused" in agent.status.last_error and agent.status.applied_version == 1
+        refusals = [e for e in read_entries(tmp_path / "state") if e["event"] == "refuse"]
+        assert len(refusals) == 1 and refusals[0]["version"] == 2, refusals
+        assert "spec.services[0].listen" in refusals[0]["error"], refusals
+        assert f"the agent's own --verify-listen address {nginx.verify_listen}" in refusals[0]["error"]
+        assert nginx.conf.read_bytes() == before_conf
+        assert nginx_target(nginx).live_version()[0] == 1
+        assert Client(port).get("/", {"X-User-Id": "x"})[1] == "stable"
 
 def test_nginx_check_failure_keeps_last_good(tmp_path: Path, nginx, backends) -> None:
     port = free_port()
