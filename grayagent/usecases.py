@@ -52,8 +52,7 @@ def publish(store: Store, path: str, author: str, message: str, expected: int | 
         for proxy, binary in checks:
             proxycheck.check(release, path, proxy, binary)
     if expected is None:
-        current = store.current()
-        expected = current.version if current else 0
+        expected = store.current_number()  # the pointer alone: a damaged current version must not block a fix
     return store.publish(content, expected, author, message)
 
 
@@ -81,12 +80,12 @@ def diff(store: Store, a: int, b: int) -> str:
 def revert(store: Store, version: int, author: str, message: str | None) -> VersionMeta:
     """Publish a new version whose content equals `version`; history stays append-only.
 
-    A version the history chain shows as possibly edited is refused: a revert must not republish a forgery."""
+    A version the history chain shows as possibly edited is refused: a revert must not republish a forgery.
+    The current version is not read, only the pointer's number for compare-and-set: a damaged current
+    version is exactly what a revert must be able to replace."""
     old = require_intact(store, version)
     parse_document(old.content, f"{store.url}#{version}")
-    current = store.current()
-    expected = current.version if current else 0
-    return store.publish(old.content, expected, author, message or f"revert to version {version}")
+    return store.publish(old.content, store.current_number(), author, message or f"revert to version {version}")
 
 
 def history_breaks(store: Store) -> list[ChainBreak]:

@@ -120,3 +120,25 @@ def test_a_fix_can_still_be_published_on_a_damaged_current_version(tmp_path: Pat
     breaks = grayagent("history", "--verify", "--store", str(store_dir))
     assert breaks.returncode == 1 and breaks.stdout.splitlines() == [
         f"version 3: {path}: content does not match its digest"]
+
+
+def test_revert_replaces_a_damaged_current_version_but_never_republishes_one(tmp_path: Path) -> None:
+    store_dir, store = publish_three(tmp_path)
+    path = version_file(store_dir, 3)
+    path.write_text(path.read_text().replace('"content": "', '"content": "# edited\\n', 1))  # digest now wrong
+    refused = grayagent("revert", "3", "--store", str(store_dir))
+    assert refused.returncode != 0 and f"{path}: content does not match its digest" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and (store_dir / "current").read_text() == "3\n"
+
+    done = grayagent("revert", "1", "--store", str(store_dir), "-m", "incident: version 3 damaged")
+    assert done.returncode == 0, done.stderr
+    assert (store_dir / "current").read_text() == "4\n"
+    assert store.get(4).content == store.get(1).content and store.get(4).meta.parent == 3
+    # And a publish without --expect-version compares against the pointer too.
+    fix = tmp_path / "fix.yaml"
+    fix.write_bytes(store.get(2).content)
+    path4 = version_file(store_dir, 4)
+    path4.write_text(path4.read_text().replace('"content": "', '"content": "# edited\\n', 1))
+    done = grayagent("publish", str(fix), "--store", str(store_dir))
+    assert done.returncode == 0, done.stderr
+    assert store.current() is not None and store.current().version == 5

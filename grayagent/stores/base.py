@@ -68,6 +68,10 @@ class Store(Protocol):
     def current(self) -> VersionRecord | None:
         """The current version, or None when nothing was published."""
 
+    def current_number(self) -> int:
+        """The version the current pointer names (0: none), without reading or checking that version: what
+        a publish compares against, even when the current entry itself is damaged."""
+
     def get(self, version: int) -> VersionRecord:
         """One version; raises VersionNotFound."""
 

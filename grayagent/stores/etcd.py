@@ -91,6 +91,9 @@ class EtcdStore:
                            digest_of(raw))
         return VersionRecord(meta, raw)
 
+    def current_number(self) -> int:
+        return self._current_number()
+
     def current(self) -> VersionRecord | None:
         live, record = self._watch.from_mirror()
         if live:

@@ -106,6 +106,9 @@ class FileStore:
         assert isinstance(data, dict)
         return data
 
+    def current_number(self) -> int:
+        return self._read_current_number()
+
     def current(self) -> VersionRecord | None:
         number = self._read_current_number()
         return self.get(number) if number else None

@@ -136,6 +136,9 @@ class NacosStore:
         return VersionRecord(VersionMeta(version, 0, "", "written directly to Nacos", "", digest_of(content)),
                              content)
 
+    def current_number(self) -> int:
+        return self._current_number()
+
     def current(self) -> VersionRecord | None:
         number = self._current_number()
         if not number:
