@@ -62,7 +62,10 @@ def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.version_option(package_name="grayagent")
 def cli(log_level: str) -> None:
-    """Gray-release rules from a config store, rendered into nginx and Envoy."""
+    """Gray-release rules from a config store, rendered into nginx and Envoy.
+
+    The manual ships with the package: `grayagent docs` lists its pages, `grayagent docs operations` shows one.
+    """
     from grayagent.logsetup import configure
 
     configure(log_level)
@@ -197,7 +200,7 @@ def _agent_flags() -> dict[str, Any]:
 
 @cli.command()
 @click.option("--config", "config", default=None, envvar="GRAYAGENT_CONFIG", metavar="FILE",
-              help="YAML file whose keys mirror these flags (deploy/agent.example.yaml); SIGHUP re-reads it.")
+              help="YAML file whose keys mirror these flags (`grayagent docs agent-config`); SIGHUP re-reads it.")
 @click.option("--store", default=None, help="Store URL [env: GRAYAGENT_STORE]")
 @click.option("--target", type=click.Choice(["nginx", "envoy"]), default=None, help="Proxy to drive (default nginx).")
 @click.option("--nginx-conf", default=None, help="The one file the agent owns; include it inside nginx's http {}.")
@@ -216,7 +219,7 @@ def _agent_flags() -> dict[str, Any]:
 @click.option("--verify-listen", default=None,
               help="Loopback address of the version endpoint rendered into nginx (default 127.0.0.1:18089).")
 @click.option("--envoy-dir", default=None, help="Envoy reads its lds/, cds/ and rds/ files from here "
-                                                "(see deploy/envoy/bootstrap.yaml).")
+                                                "(`grayagent docs envoy-bootstrap`).")
 @click.option("--envoy-admin", default=None, help="Envoy's loopback admin URL (default http://127.0.0.1:9901).")
 @click.option("--envoy-bin", default=None, help="envoy binary (default envoy).")
 @click.option("--envoy-traffic-stats/--no-envoy-traffic-stats", default=None,
@@ -299,7 +302,7 @@ def status(store_url: str | None, wait_seconds: float | None, min_agents: int, o
 
 @cli.group(name="rollout")
 def rollout_group() -> None:
-    """Progressive rollouts: ramp a canary step by step, judged by its traffic (docs/rollout.md)."""
+    """Progressive rollouts: ramp a canary step by step, judged by its traffic (`grayagent docs rollout`)."""
 
 
 @rollout_group.command(name="run")
@@ -397,6 +400,23 @@ def audit_verify(state_dir: Path, output: str) -> None:
           "\n".join(problems) if problems else f"{state_dir / 'audit.jsonl'}: intact")
     if problems:
         sys.exit(1)
+
+
+@cli.command(name="docs")
+@click.argument("topic", required=False)
+def docs_command(topic: str | None) -> None:
+    """Print a page of the manual shipped with this install (README, operations, stores, ...); no TOPIC lists them."""
+    from grayagent import docs
+
+    if topic is None:
+        for name in docs.SOURCES:
+            click.echo(f"{name:18} {docs.title(name)}")
+        return
+    text = docs.read(topic)
+    if sys.stdout.isatty():
+        click.echo_via_pager(text)
+    else:
+        click.echo(text, nl=False)
 
 
 def main(argv: list[str] | None = None) -> None:
