@@ -19,6 +19,8 @@ STORE := $(STATEDIR)/store
 GRAYAGENT_USER ?= grayagent
 CREATE_USER ?= $(if $(DESTDIR),no,yes)
 EXTRAS ?= all
+# The venv's interpreter: the system's, which every user can run (not e.g. a pyenv python under /root).
+INSTALL_PYTHON ?= /usr/bin/python3
 DIST := dist
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 WHEEL := $(DIST)/grayagent-$(VERSION)-py3-none-any.whl
@@ -92,7 +94,7 @@ $(WHEEL): pyproject.toml setup.py MANIFEST.in $(shell find grayagent docs deploy
 
 # Debian's python3-venv (a bare Debian 12 has python3 without ensurepip), installed only when missing.
 install-deps:
-	@if ! $(PYTHON) -c 'import ensurepip, venv' 2>/dev/null; then \
+	@if ! $(INSTALL_PYTHON) -c 'import ensurepip, venv' 2>/dev/null; then \
 		echo "installing python3-venv"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; \
 	fi
@@ -102,7 +104,7 @@ install-deps:
 # touches an existing config, state or store.
 install: install-deps
 	$(MAKE) --no-print-directory dist
-	$(PYTHON) -m venv $(DESTDIR)$(PREFIX)
+	$(INSTALL_PYTHON) -m venv $(DESTDIR)$(PREFIX)
 	$(DESTDIR)$(PREFIX)/bin/pip uninstall --quiet --yes grayagent 2>/dev/null || true
 	$(DESTDIR)$(PREFIX)/bin/pip install --quiet '$(abspath $(WHEEL))[$(EXTRAS)]'
 	@# A launcher that finds its python beside itself, so a DESTDIR-staged tree runs wherever it lands.
