@@ -87,10 +87,10 @@ clean:
 # It carries the manual (`grayagent docs`); the build venv needs only pip (setuptools comes from PyPI).
 dist: $(WHEEL)
 $(WHEEL): pyproject.toml setup.py MANIFEST.in $(shell find grayagent docs deploy README.md -type f -not -name '*.pyc')
-	test -x build/venv/bin/pip || $(PYTHON) -m venv build/venv
-	rm -rf build/lib $(DIST)/grayagent-*.whl
-	build/venv/bin/pip wheel --quiet --no-deps --wheel-dir $(DIST) .
-	@echo "built $@"
+	@test -x build/venv/bin/pip || $(PYTHON) -m venv build/venv
+	@rm -rf build/lib $(DIST)/grayagent-*.whl
+	@build/venv/bin/pip wheel --quiet --no-deps --wheel-dir $(DIST) .
+	@echo "wheel: $@"
 
 # Debian's python3-venv (a bare Debian 12 has python3 without ensurepip), installed only when missing.
 install-deps:
@@ -103,30 +103,35 @@ install-deps:
 # the grayagent user and group, and the directory store. Re-running it upgrades the package in place and never
 # touches an existing config, state or store.
 install: install-deps
-	$(MAKE) --no-print-directory dist
-	$(INSTALL_PYTHON) -m venv $(DESTDIR)$(PREFIX)
-	$(DESTDIR)$(PREFIX)/bin/pip uninstall --quiet --yes grayagent 2>/dev/null || true
-	$(DESTDIR)$(PREFIX)/bin/pip install --quiet '$(abspath $(WHEEL))[$(EXTRAS)]'
-	@# A launcher that finds its python beside itself, so a DESTDIR-staged tree runs wherever it lands.
-	printf '#!/bin/sh\nexec "$$(dirname "$$(readlink -f "$$0")")/python" -P -m grayagent "$$@"\n' \
+	@$(MAKE) --no-print-directory dist
+	@echo "venv: $(PREFIX) (grayagent[$(EXTRAS)] from $(WHEEL))"
+	@$(INSTALL_PYTHON) -m venv $(DESTDIR)$(PREFIX)
+	@$(DESTDIR)$(PREFIX)/bin/pip uninstall --quiet --yes grayagent 2>/dev/null || true
+	@$(DESTDIR)$(PREFIX)/bin/pip install --quiet '$(abspath $(WHEEL))[$(EXTRAS)]'
+	@# A launcher that finds its python beside itself, so a DESTDIR-staged tree runs wherever it lands;
+	@# -P keeps the current directory (e.g. this checkout) off the import path.
+	@printf '#!/bin/sh\nexec "$$(dirname "$$(readlink -f "$$0")")/python" -P -m grayagent "$$@"\n' \
 		> $(DESTDIR)$(PREFIX)/bin/grayagent
-	chmod 0755 $(DESTDIR)$(PREFIX)/bin/grayagent
-	install -d $(DESTDIR)$(BINDIR)
-	ln -sfr $(DESTDIR)$(PREFIX)/bin/grayagent $(DESTDIR)$(BINDIR)/grayagent
-	install -d $(DESTDIR)$(UNITDIR)
-	for unit in deploy/grayagent-agent.service deploy/grayagent-rollout.service; do \
+	@chmod 0755 $(DESTDIR)$(PREFIX)/bin/grayagent
+	@install -d $(DESTDIR)$(BINDIR)
+	@ln -sfr $(DESTDIR)$(PREFIX)/bin/grayagent $(DESTDIR)$(BINDIR)/grayagent
+	@echo "command: $(BINDIR)/grayagent -> $(PREFIX)/bin/grayagent"
+	@install -d $(DESTDIR)$(UNITDIR)
+	@for unit in deploy/grayagent-agent.service deploy/grayagent-rollout.service; do \
 		sed 's|/usr/local/bin/grayagent|$(BINDIR)/grayagent|g' $$unit > $(DESTDIR)$(UNITDIR)/$${unit#deploy/}; \
 		chmod 0644 $(DESTDIR)$(UNITDIR)/$${unit#deploy/}; \
 	done
-	$(MAKE) --no-print-directory install-user install-store
+	@echo "units: $(UNITDIR)/grayagent-agent.service, grayagent-rollout.service"
+	@$(MAKE) --no-print-directory install-user install-store
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
-	@echo "installed: $(BINDIR)/grayagent -> $(PREFIX)/bin/grayagent; units in $(UNITDIR); config in $(CONFDIR)"
+	@echo "next: edit $(CONFDIR)/agent.yaml, then systemctl enable --now grayagent-agent (grayagent docs operations)"
 
 install-user:
 	@if [ "$(CREATE_USER)" = yes ]; then \
 		getent group $(GRAYAGENT_USER) >/dev/null || groupadd --system $(GRAYAGENT_USER); \
 		getent passwd $(GRAYAGENT_USER) >/dev/null || useradd --system --gid $(GRAYAGENT_USER) \
 			--home-dir $(STATEDIR) --no-create-home --shell /usr/sbin/nologin $(GRAYAGENT_USER); \
+		echo "user: $(GRAYAGENT_USER)"; \
 	fi
 
 # Owners (docs/operations.md, "Users, files and permissions"): root runs the agent with group grayagent;
@@ -144,7 +149,8 @@ install-store:
 	install -d -m 0750 -g $$group $(DESTDIR)$(STATEDIR); \
 	for d in "" /versions /agents /rollouts; do install -d -m 2770 -o $$owner -g $$group $(DESTDIR)$(STORE)$$d; done; \
 	for f in /.lock /rollouts/.leader; do \
-		test -e $(DESTDIR)$(STORE)$$f || install -m 0660 -o $$owner -g $$group /dev/null $(DESTDIR)$(STORE)$$f; done
+		test -e $(DESTDIR)$(STORE)$$f || install -m 0660 -o $$owner -g $$group /dev/null $(DESTDIR)$(STORE)$$f; done; \
+	echo "config: $(CONFDIR)/agent.yaml, $(CONFDIR)/rollout.env; store: $(STORE)"
 
 # Removes the program, the command and the units. Keeps the config, the state, the store and the user.
 uninstall:
