@@ -102,8 +102,7 @@ install-deps:
 # The venv in $(PREFIX) with the package and every runtime extra, the command, the units, the example config,
 # the grayagent user and group, and the directory store. Re-running it upgrades the package in place and never
 # touches an existing config, state or store.
-install: install-deps
-	@$(MAKE) --no-print-directory dist
+install: install-deps $(WHEEL)
 	@echo "venv: $(PREFIX) (grayagent[$(EXTRAS)] from $(WHEEL))"
 	@$(INSTALL_PYTHON) -m venv $(DESTDIR)$(PREFIX)
 	@$(DESTDIR)$(PREFIX)/bin/pip uninstall --quiet --yes grayagent 2>/dev/null || true
@@ -124,7 +123,7 @@ install: install-deps
 	@echo "units: $(UNITDIR)/grayagent-agent.service, grayagent-rollout.service"
 	@$(MAKE) --no-print-directory install-user install-store
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
-	@echo "next: edit $(CONFDIR)/agent.yaml, then systemctl enable --now grayagent-agent (grayagent docs operations)"
+	@echo "next: grayagent publish FILE --store $(STORE); systemctl enable --now grayagent-agent"
 
 install-user:
 	@if [ "$(CREATE_USER)" = yes ]; then \
