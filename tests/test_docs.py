@@ -300,3 +300,13 @@ def test_every_command_runs(page: str, tmp_path: Path) -> None:
     logs = "".join(p.read_text() for p in sandbox.glob("*.log"))
     assert done.returncode == 0, f"{page}:\n{done.stdout}\n{done.stderr[-6000:]}\n{logs[-3000:]}"
     assert "Traceback" not in done.stderr + logs, done.stderr + logs
+
+
+def test_docs_verb_prints_a_topic_and_names_a_mistyped_one() -> None:
+    run = [sys.executable, "-m", "grayagent", "docs"]
+    listing = subprocess.run(run, capture_output=True, text=True, check=True).stdout
+    assert listing.splitlines()[1].split()[0] == "operations"
+    page = subprocess.run([*run, "stores"], capture_output=True, text=True, check=True).stdout
+    assert page == (ROOT / "docs" / "stores.md").read_text()
+    wrong = subprocess.run([*run, "oprations"], capture_output=True, text=True, check=False)
+    assert wrong.returncode == 2 and "did you mean operations?" in wrong.stderr and not wrong.stdout
