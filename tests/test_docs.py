@@ -250,7 +250,7 @@ def report_fleet(store: Path, hosts: int, stop: threading.Event) -> None:
         current = fleet.current()
         for i in range(hosts):
             fleet.report(f"gw{i:02d}", {"applied_version": current.meta.version if current else None,
-                                        "healthy": True, "store_reachable": True})
+                                        "healthy": True, "state": "healthy", "store_reachable": True})
 
 
 @pytest.mark.parametrize("page", RUN_DOCS)
@@ -276,6 +276,7 @@ def test_every_command_runs(page: str, tmp_path: Path) -> None:
     (sandbox / "work").mkdir()
     store = sandbox / "var/lib/grayagent/store"
     if page == "docs/operations.md":  # the runbook speaks of versions 41 and 42
+        store.mkdir(parents=True)
         history = FileStore(str(store))
         for n in range(41):
             svc = service(listen=f"127.0.0.1:{listen}", split={"key": {"header": "X-User-Id"},
