@@ -131,7 +131,7 @@ git() { [ "$1" = clone ] && ln -s "$CLONE" "$(basename "${@: -1}")"; }
 make() {
     if [ "$1" = install ]; then
         command make -s -C "$ROOT" install-store DESTDIR="$SANDBOX" GRAYAGENT_USER=root >/dev/null
-        sed -i -e "s|/var/lib/grayagent|$SANDBOX/var/lib/grayagent|g" -e "s|/etc/nginx/conf.d/grayagent.conf|$NGINX_CONF|" \
+        sed -i -e "s|\\([:=] *\\)/var/lib/grayagent|\\1$SANDBOX/var/lib/grayagent|g" -e "s|/etc/nginx/conf.d/grayagent.conf|$NGINX_CONF|" \
             -e "s|/etc/nginx/nginx.conf|$NGINX_MAIN_CONF|" -e "s|/usr/sbin/nginx|$NGINX_BIN|" \
             -e "s|127.0.0.1:18089|$VERIFY_LISTEN|" -e "s|127.0.0.1:9180|127.0.0.1:0|" \
             "$SANDBOX/etc/grayagent/agent.yaml" "$SANDBOX/etc/grayagent/rollout.env"
