@@ -26,7 +26,7 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 WHEEL := $(DIST)/grayagent-$(VERSION)-py3-none-any.whl
 
 .PHONY: all test demo lint bench venv system-deps nacos-server golden clean dist install uninstall install-deps \
-	install-user install-store
+	install-user install-store install-root
 
 all: lint test
 
@@ -102,7 +102,7 @@ install-deps:
 # The venv in $(PREFIX) with the package and every runtime extra, the command, the units, the example config,
 # the grayagent user and group, and the directory store. Re-running it upgrades the package in place and never
 # touches an existing config, state or store.
-install: install-deps $(WHEEL)
+install: install-root install-deps $(WHEEL)
 	@echo "venv: $(PREFIX) (grayagent[$(EXTRAS)] from $(WHEEL))"
 	@$(INSTALL_PYTHON) -m venv $(DESTDIR)$(PREFIX)
 	@$(DESTDIR)$(PREFIX)/bin/pip uninstall --quiet --yes grayagent 2>/dev/null || true
@@ -124,6 +124,11 @@ install: install-deps $(WHEEL)
 	@$(MAKE) --no-print-directory install-user install-store
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 	@echo "next: grayagent publish FILE --store $(STORE); systemctl enable --now grayagent-agent"
+
+install-root:
+	@if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" != 0 ]; then \
+		echo "make install: run it as root (it writes /opt, /usr/local, /etc and /var/lib), or give DESTDIR=" >&2; \
+		exit 1; fi
 
 install-user:
 	@if [ "$(CREATE_USER)" = yes ]; then \
