@@ -71,7 +71,10 @@ def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
 @click.version_option(package_name="grayagent")
 @click.pass_context
 def cli(ctx: click.Context, log_level: str | None) -> None:
-    """Gray-release rules from a config store, rendered into nginx and Envoy."""
+    """Gray-release rules from a config store, rendered into nginx and Envoy.
+
+    The manual ships with the package: `grayagent docs` lists its pages, `grayagent docs operations` shows one.
+    """
     from grayagent.logsetup import configure
 
     ctx.meta["grayagent.log_level"] = log_level
@@ -236,7 +239,7 @@ def _agent_flags() -> dict[str, Any]:
 
 @cli.command()
 @click.option("--config", "config", default=None, envvar="GRAYAGENT_CONFIG", metavar="FILE",
-              help="YAML file whose keys mirror these flags (deploy/agent.example.yaml); SIGHUP re-reads it.")
+              help="YAML file whose keys mirror these flags (`grayagent docs agent-config`); SIGHUP re-reads it.")
 @click.option("--store", default=None, help="Store URL [env: GRAYAGENT_STORE]")
 @click.option("--target", type=click.Choice(["nginx", "envoy"]), default=None, help="Proxy to drive (default nginx).")
 @click.option("--nginx-conf", default=None, help="The one file the agent owns; include it inside nginx's http {}.")
@@ -255,7 +258,7 @@ def _agent_flags() -> dict[str, Any]:
 @click.option("--verify-listen", default=None,
               help="Loopback address of the version endpoint rendered into nginx (default 127.0.0.1:18089).")
 @click.option("--envoy-dir", default=None, help="Envoy reads its lds/, cds/ and rds/ files from here "
-                                                "(see deploy/envoy/bootstrap.yaml).")
+                                                "(`grayagent docs envoy-bootstrap`).")
 @click.option("--envoy-admin", default=None, help="Envoy's loopback admin URL (default http://127.0.0.1:9901).")
 @click.option("--envoy-bin", default=None, help="envoy binary (default envoy).")
 @click.option("--envoy-traffic-stats/--no-envoy-traffic-stats", default=None,
@@ -354,7 +357,7 @@ def _fleet_text(report: dict[str, Any]) -> str:
 
 @cli.group(name="rollout")
 def rollout_group() -> None:
-    """Progressive rollouts: ramp a canary step by step, judged by its traffic (docs/rollout.md)."""
+    """Progressive rollouts: ramp a canary step by step, judged by its traffic (`grayagent docs rollout`)."""
 
 
 @rollout_group.command(name="run")
@@ -577,6 +580,23 @@ def audit_ack(state_dir: Path, reason: str, operator: str, output: str) -> None:
     entry = AuditLog(state_dir).acknowledge(reason, operator)
     _emit(output, entry, f"acknowledged gap(s) at seq {', '.join(str(g) for g in entry['gaps'])} "
                          f"with entry seq {entry['seq']}")
+
+
+@cli.command(name="docs")
+@click.argument("topic", required=False)
+def docs_command(topic: str | None) -> None:
+    """Print a page of the manual shipped with this install (README, operations, stores, ...); no TOPIC lists them."""
+    from grayagent import docs
+
+    if topic is None:
+        for name in docs.SOURCES:
+            click.echo(f"{name:18} {docs.title(name)}")
+        return
+    text = docs.read(topic)
+    if sys.stdout.isatty():
+        click.echo_via_pager(text)
+    else:
+        click.echo(text, nl=False)
 
 
 def main(argv: list[str] | None = None) -> None:
