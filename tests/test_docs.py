@@ -49,10 +49,10 @@ def test_published_schema_is_the_packaged_one() -> None:
     assert published.read_bytes() == SCHEMA.read_bytes()
 
 
-def test_readme_opens_with_the_install_then_the_developer_commands() -> None:
+def test_readme_opens_with_the_developer_commands_then_the_install() -> None:
     blocks = sh_blocks((ROOT / "README.md").read_text())
-    assert "make install" in blocks[0] and "systemctl enable --now grayagent-agent" in blocks[0]
-    assert "make demo" in blocks[1] and "make test" in blocks[1]
+    assert "make demo" in blocks[0] and "make test" in blocks[0]
+    assert "make install" in blocks[1] and "systemctl enable --now grayagent-agent" in blocks[1]
 
 
 def every_help_text() -> dict[str, str]:
