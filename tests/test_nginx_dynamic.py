@@ -24,7 +24,8 @@ from grayagent.model import Release, parse_document
 from grayagent.routing import Request, route
 from grayagent.stores.base import digest_of
 from grayagent.stores.file import FileStore
-from grayagent.targets.nginx_dynamic import TOKEN_FILE, NginxDynamicSettings, NginxDynamicTarget
+from grayagent.targets.nginx_control import TOKEN_FILE, push_headers, read_token
+from grayagent.targets.nginx_dynamic import NginxDynamicSettings, NginxDynamicTarget
 from grayagent.targets.nginx_dynamic_render import (
     DATA_FILE,
     PUSH_PATH,
@@ -133,6 +134,13 @@ def lua_nginx(tmp_path: Path) -> Iterator[NginxInstance]:
     instance = NginxInstance(tmp_path / "nginx", lua=True).start()
     yield instance
     instance.stop()
+
+
+def _signed(target: NginxDynamicTarget, body: bytes, epoch: int = 0) -> dict[str, str]:
+    """The headers of a push as this host's agent signs it."""
+    token = read_token(target.token_path)
+    assert token is not None
+    return push_headers(token, epoch, body)
 
 
 def apply_doc(target: NginxDynamicTarget, doc: dict, version: int = 1) -> None:
@@ -252,7 +260,7 @@ def test_push_endpoint_refuses_code_and_garbage(lua_nginx: NginxInstance, backen
                  b'return {version = 2, digest = "d", fingerprint = "f", services = {x = {upstreams = {}}}}'):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST",
-                                                          headers={"X-Grayagent-Token": target.token}), timeout=5)
+                                                          headers=_signed(target, body)), timeout=5)
         assert refused.value.code == 400, body
     assert target.live_version() is not None and target.live_version()[0] == 1  # type: ignore[index]
     assert Client(port).get("/")[0] == 200
@@ -387,7 +395,7 @@ def test_failed_push_restores_last_good(tmp_path: Path, lua_nginx: NginxInstance
         with pytest.raises(urllib.error.HTTPError) as full:
             urllib.request.urlopen(urllib.request.Request(f"http://{lua_nginx.verify_listen}{PUSH_PATH}",
                                                           data=files[DATA_FILE], method="POST",
-                                                          headers={"X-Grayagent-Token": target.token}), timeout=5)
+                                                          headers=_signed(target, files[DATA_FILE])), timeout=5)
         assert full.value.code == 507
         for _ in range(20):
             assert target.live_version()[0] == version - 1  # type: ignore[index]

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from grayagent.model import CidrCondition, Field, Release, Service, StringMatch, ValueCondition, iter_value_fields
 from grayagent.regexsubset import regex_literal
 from grayagent.routing import COOKIE_PATTERN, QUERY_PATTERN, split_parts
-from grayagent.targets.layout import default_service, services_by_listen, upstream_id
+from grayagent.targets.layout import upstream_id
+from grayagent.targets.nginx_server import catch_all_servers, loopback_server, service_server
 
 VERSION_PATH = "/grayagent/version"
 
@@ -106,13 +107,6 @@ def upstream_blocks(svc: Service, keepalive: int) -> list[str]:
     return out
 
 
-# Inside `location /`, after proxy_pass: keep-alive to the upstream, the client's Host, the peer in XFF.
-PROXY_SETTINGS = ("        proxy_http_version 1.1;\n"
-                  '        proxy_set_header Connection "";\n'
-                  "        proxy_set_header Host $host;\n"
-                  "        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n")
-
-
 def _service_blocks(index: int, svc: Service, options: NginxOptions, first_on_listen: bool = False) -> list[str]:
     var = f"ga_s{index}"
     out: list[str] = [f"# ---- service {svc.name} (variables ${var}_*)\n"]
@@ -174,27 +168,8 @@ def _service_blocks(index: int, svc: Service, options: NginxOptions, first_on_li
         out.append(f'map "{source}" ${var}_rule {{\n{"".join(rule_entries)}    default -;\n}}\n')
         target = f"${var}_up"
 
-    listen = str(svc.listen) + (" reuseport" if options.reuseport and first_on_listen else "")
-    names = " ".join(svc.hosts) if svc.hosts else '""'
-    out.append(
-        "server {\n"
-        f"    listen {listen};\n"
-        f"    server_name {names};\n"
-        + (f"    access_log {options.access_log} grayagent_json;\n" if options.access_log else "")
-        + "    location / {\n"
-        f"        proxy_pass http://{target};\n"
-        + PROXY_SETTINGS +
-        "    }\n"
-        "}\n")
-    return out
-
-
-def _catch_all_servers(release: Release) -> list[str]:
-    """Ports where every service names hosts get a 404 default server, so unknown hosts never reach a service."""
-    out = []
-    for listen, services in services_by_listen(release).items():
-        if default_service(services) is None:
-            out.append(f"server {{\n    listen {listen} default_server;\n    server_name _;\n    return 404;\n}}\n")
+    out.append(service_server(svc, options.reuseport and first_on_listen, options.access_log,
+                              f"        proxy_pass http://{target};\n"))
     return out
 
 
@@ -209,17 +184,11 @@ def render(release: Release, version: int, digest: str, options: NginxOptions = 
         first = str(svc.listen) not in seen_listens  # nginx takes reuseport once per address
         seen_listens.add(str(svc.listen))
         body.extend(_service_blocks(index, svc, options, first))
-    body.extend(_catch_all_servers(release))
-    body.append(
-        "# The agent reads this to verify which version the running workers serve.\n"
-        "server {\n"
-        f"    listen {options.verify_listen};\n"
-        "    access_log off;\n"
-        "    allow 127.0.0.0/8;\n    allow ::1;\n    deny all;\n"
+    body.extend(catch_all_servers(release))
+    body.append(loopback_server(
+        "The agent reads this to verify which version the running workers serve.", options.verify_listen,
         f"    location = {VERSION_PATH} {{\n"
         "        default_type text/plain;\n"
         f'        return 200 "{version} {digest}\\n";\n'
-        "    }\n"
-        "    location / {\n        return 404;\n    }\n"
-        "}\n")
+        "    }\n"))
     return head + "\n".join(body)
