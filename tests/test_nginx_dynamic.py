@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import re
+import subprocess
 import threading
 import time
 import urllib.error
@@ -482,3 +483,61 @@ def test_a_skeleton_left_by_a_crash_is_never_restored(lua_nginx: NginxInstance, 
     assert not result.ok and result.restored
     assert lua_nginx.conf.read_bytes() == verified
     assert lua_nginx.test_config().returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------- push secret
+
+
+@needs_lua
+def test_no_rendered_file_holds_the_push_token(lua_nginx: NginxInstance, backends) -> None:
+    """The token is read by nginx's master from its 0600 file: not in the skeleton (0640), its last-good
+    copy, the data, the Lua modules, nor `nginx -T`. And building the target writes nothing."""
+    token_file = lua_nginx.conf.parent / ".grayagent-control-token"
+    target = dynamic_target(lua_nginx)
+    assert not token_file.exists(), "a constructor only builds"
+    port = free_port()
+    apply_doc(target, document(service(listen=f"127.0.0.1:{port}",
+                                       servers={n: [f"127.0.0.1:{b.port}"] for n, b in backends.items()})))
+    token = token_file.read_text().strip()
+    assert len(token) == 64 and oct(token_file.stat().st_mode & 0o777) == "0o600"
+    scanned = [p for p in lua_nginx.root.rglob("*") if p.is_file() and p != token_file]
+    assert len(scanned) > 5
+    assert [p for p in scanned if token.encode() in p.read_bytes()] == []
+    dumped = subprocess.run([lua_nginx.binary, "-T", "-c", str(lua_nginx.main_conf)], capture_output=True, text=True,
+                            check=True)
+    assert str(token_file) in dumped.stdout and token not in dumped.stdout + dumped.stderr
+    assert Client(port).get("/")[0] == 200
+
+
+@needs_lua
+def test_a_replayed_push_is_refused_and_a_local_revert_still_works(lua_nginx: NginxInstance, backends) -> None:
+    port = free_port()
+    target = dynamic_target(lua_nginx)
+    first = _doc(backends, port, {"stable": 100, "canary": 0, "beta": 0})
+    second = _doc(backends, port, {"stable": 0, "canary": 100, "beta": 0})
+    apply_doc(target, first, version=1)
+    body_1 = target.render(parse_document(dump(first), "t"), 1, digest_of(dump(first)))[DATA_FILE]
+    apply_doc(target, second, version=2)
+    body_2 = target.render(parse_document(dump(second), "t"), 2, digest_of(dump(second)))[DATA_FILE]
+    client = Client(port)
+    assert client.get("/", {"X-User-Id": "u1"})[1] == "canary"
+
+    def replay(body: bytes) -> int:
+        """The same bytes and headers the agent sent for that version (the signature is deterministic)."""
+        url = f"http://{lua_nginx.verify_listen}{PUSH_PATH}"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST",
+                                                          headers=_signed(target, body)), timeout=5)
+        return refused.value.code
+
+    assert replay(body_1) == 409, "an old push, replayed, must not roll routing back"
+    assert target.live_version() == (2, digest_of(dump(second)))
+    assert client.get("/", {"X-User-Id": "u1"})[1] == "canary"
+    # The agent itself going back (local-revert, a pin): it signs the next epoch, and nginx takes it.
+    apply_doc(target, first, version=1)
+    assert target.live_version() == (1, digest_of(dump(first)))
+    assert client.get("/", {"X-User-Id": "u1"})[1] == "stable"
+    assert replay(body_2) == 409, "a push of the epoch before the revert is a replay too"
+    assert client.get("/", {"X-User-Id": "u1"})[1] == "stable"
+    apply_doc(target, second, version=3)  # and forward again from there
+    assert client.get("/", {"X-User-Id": "u1"})[1] == "canary"
