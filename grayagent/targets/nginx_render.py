@@ -63,7 +63,7 @@ upstream_block_name = upstream_id
 
 def _field_var(fld: Field) -> str:
     if fld.kind == "header":
-        return "$http_" + fld.name.replace("-", "_")
+        return "$ga_h_" + fld.name.replace("-", "_")  # $http_<name> without its spaces and tabs (_extraction_maps)
     if fld.kind == "path":
         return "$ga_path"
     prefix = "ga_ck_" if fld.kind == "cookie" else "ga_arg_"
@@ -75,6 +75,11 @@ def _extraction_maps(release: Release) -> list[str]:
     fields = list(iter_value_fields(release))
     if any(f.kind == "path" for f in fields):
         out.append('map $request_uri $ga_path {\n    "~^([^?]*)" $1;\n    default "";\n}\n')
+    # nginx 1.22 keeps a header value's leading tabs (it skips only spaces): strip spaces and tabs at both
+    # ends, as docs/routing-semantics.md §1 says, so "\ttrue" matches exact "true" and "\t" is absent.
+    for var, name in dict.fromkeys((_field_var(f), f.name) for f in fields if f.kind == "header"):
+        out.append(f"# header {name}\nmap $http_{name.replace('-', '_')} {var} {{\n"
+                   '    "~^[ \\x09]*(.*?)[ \\x09]*$" $1;\n    default "";\n}\n')
     for fld in fields:
         if fld.kind not in ("cookie", "query"):
             continue
