@@ -45,6 +45,7 @@ class AgentOptions:
     host: str = field(default_factory=socket.gethostname)
     min_apply_interval: float = 1.0
     status_listen: str = "127.0.0.1:9180"
+    status_token_file: str | None = None  # bearer token for /status and /metrics (one line; never logged)
     log_level: str = "info"
     nginx_conf: str | None = None
     nginx_main_conf: str = "/etc/nginx/nginx.conf"
@@ -166,12 +167,16 @@ def watchdog_ping() -> None:
     sdnotify.notify("WATCHDOG=1")
 
 
-def start_status_server(listen: str, agent: Agent) -> StatusServer:
+def start_status_server(listen: str, agent: Agent, token_file: str | None = None) -> StatusServer:
     def status() -> dict[str, Any]:
         return agent.status.as_dict()
 
     try:
-        return StatusServer(listen, agent.metrics, agent.health, status).start()
+        token = Path(token_file).read_text("utf-8").strip() if token_file else None
+    except OSError as exc:
+        raise UsageError(f"status_token_file {token_file}: {exc.strerror or exc}") from None
+    try:
+        return StatusServer(listen, agent.metrics, agent.health, status, token=token or None).start()
     except OSError as exc:
         raise UsageError(f"--status-listen {listen}: {exc.strerror or exc}") from None
 
@@ -189,7 +194,7 @@ def serve(options: AgentOptions, reload_options: Callable[[], AgentOptions]) -> 
     while True:
         try:
             agent = build_agent(options)
-            server = start_status_server(options.status_listen, agent)
+            server = start_status_server(options.status_listen, agent, options.status_token_file)
         except (GrayagentError, OSError) as exc:
             if running is None:
                 raise  # the first start: fail loudly, systemd shows the one-line error
