@@ -130,7 +130,8 @@ def build_target(options: AgentOptions) -> Target:
 
         assert options.envoy_dir is not None
         return EnvoyTarget(EnvoySettings(envoy_dir=Path(options.envoy_dir).absolute(), admin_url=options.envoy_admin,
-                                         binary=options.envoy_bin, traffic_stats=options.envoy_traffic_stats))
+                                         binary=options.envoy_bin, traffic_stats=options.envoy_traffic_stats,
+                                         work_dir=Path(options.state_dir or ".").absolute() / "tmp"))
     assert options.nginx_conf is not None
     if options.nginx_mode == "dynamic":
         from grayagent.targets.nginx_dynamic import NginxDynamicSettings, NginxDynamicTarget

@@ -38,6 +38,7 @@ from grayagent.targets.envoy_render import (
     render,
     validation_bootstrap,
 )
+from grayagent.targets.envoy_validate import DIR_PREFIX as VALIDATE_DIR_PREFIX
 from grayagent.targets.envoy_validate import PrewarmedValidator
 
 LDS_STATS = "listener_manager.lds"
@@ -62,6 +63,7 @@ class EnvoySettings:
     verify_timeout: float = 10.0           # per file: how long Envoy may take to accept it
     validate_timeout: float = 120.0
     traffic_stats: bool = False            # poll per-cluster stats for rollout figures (agent /metrics, status)
+    work_dir: Path | None = None           # validation's temporary files (the agent: <state_dir>/tmp)
 
 
 def _version_info(content: bytes) -> str:
@@ -102,6 +104,9 @@ class EnvoyTarget:
         # The agent starts and stops this; per-upstream request, 5xx and latency figures from the admin stats.
         self.traffic = EnvoyStatsPoller(settings.admin_url) if settings.traffic_stats else None
         self._validator: PrewarmedValidator | None = None  # started on first use, then kept one step ahead
+        # Never inside envoy_dir: the validator's FIFOs would block anyone who reads every file there.
+        self.work_dir = (settings.work_dir if settings.work_dir is not None
+                         else self.dir.parent / f".{self.dir.name}.grayagent-tmp")
 
     def render(self, release: Release, version: int, digest: str) -> RenderedFiles:
         return render(release, version, digest, self.options)
@@ -197,7 +202,8 @@ class EnvoyTarget:
 
     def _validate(self, files: RenderedFiles) -> None:
         if self._validator is None:
-            self._validator = PrewarmedValidator(self.settings.binary, VALIDATE_ARGS, self.settings.validate_timeout)
+            self._validator = PrewarmedValidator(self.settings.binary, VALIDATE_ARGS, self.settings.validate_timeout,
+                                                 self.work_dir)
         try:
             code, output = self._validator.validate(validation_bootstrap(files))
         except OSError as exc:
@@ -208,7 +214,8 @@ class EnvoyTarget:
             raise StepFailed(f"envoy --mode validate failed: {_first_line(output)}")
 
     def _validate_cold(self, files: RenderedFiles) -> tuple[int, str]:
-        candidate = self.dir / f".validate-{os.getpid()}.json"
+        self.work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        candidate = self.work_dir / f"{VALIDATE_DIR_PREFIX}{os.getpid()}.json"  # a leftover is removed by pid
         try:
             atomic_write(candidate, validation_bootstrap(files))
             done = run_command([self.settings.binary, "--mode", "validate", "-c", str(candidate), *VALIDATE_ARGS],
