@@ -21,7 +21,8 @@ OLD_WORKERS_GRACE = 0.15  # > nginx's 100 ms between starting new workers and re
 # nginx's own words when `-s` finds no master: no pid file, an empty one, or a pid that is gone.
 # ([emerg] is a config problem, e.g. an include that cannot be opened: never "not running".)
 _NOT_RUNNING = re.compile(r'\[error\] (?:\d+#\d+: )?(?:open\(\) "(?P<open>[^"]+)" failed'
-                          r'|invalid PID number "[^"]*" in "(?P<pid>[^"]+)"|kill\(\d+, \d+\) failed \(3: No such process\))')
+                          r'|invalid PID number "[^"]*" in "(?P<pid>[^"]+)"'
+                          r"|kill\(\d+, \d+\) failed \(3: No such process\))")
 
 
 def first_error(output: str) -> str:
