@@ -30,9 +30,9 @@ from grayagent.errors import GrayagentError, InvalidDocument
 from grayagent.fsutil import RENDERED_MODE, atomic_write
 from grayagent.model import parse_document
 from grayagent.observe import AgentMetrics
-from grayagent.rollout.traffic import TrafficCollector, TrafficSource
 from grayagent.stores.base import FleetStatus, Store, VersionMeta, VersionRecord, digest_of, utc_now
 from grayagent.targets.base import ApplyResult, Target
+from grayagent.targets.traffic import TrafficCollector, TrafficSampler
 
 log = structlog.get_logger("grayagent.agent")
 
@@ -184,7 +184,7 @@ class Agent:
         self.on_status = on_status
         self.metrics = AgentMetrics(target.name)
         # Per-upstream figures from the gateway (nginx: its JSON access log), for the rollout controller.
-        self.traffic: TrafficSource | None = getattr(target, "traffic", None)
+        self.traffic: TrafficSampler | None = target.traffic
         if self.traffic is not None:
             self.metrics.registry.register(TrafficCollector(self.traffic.counters, target.name))
         self.reporter = StatusReporter(store, settings.host, settings.status_interval, self._traffic_status) \
@@ -197,7 +197,7 @@ class Agent:
         self._last_apply = -1e9
 
     def _traffic_status(self) -> dict[str, Any]:
-        return {"traffic": self.traffic.snapshot()} if self.traffic is not None else {}
+        return {"traffic": self.traffic.snapshot().as_dict()} if self.traffic is not None else {}
 
     # ------------------------------------------------------------------ watch handler (watch thread)
 

@@ -24,7 +24,6 @@ import structlog
 
 from grayagent.fsutil import atomic_write
 from grayagent.model import Release
-from grayagent.rollout.traffic import EnvoyStatsPoller
 from grayagent.targets.base import ApplyResult, RenderedFiles, StepFailed, http_get, run_command
 from grayagent.targets.envoy_render import (
     CDS_FILE,
@@ -38,6 +37,7 @@ from grayagent.targets.envoy_render import (
     render,
     validation_bootstrap,
 )
+from grayagent.targets.envoy_stats import EnvoyStatsPoller
 from grayagent.targets.envoy_validate import DIR_PREFIX as VALIDATE_DIR_PREFIX
 from grayagent.targets.envoy_validate import PrewarmedValidator
 

@@ -9,8 +9,8 @@ from pathlib import Path
 from grayagent.errors import UsageError
 from grayagent.fsutil import atomic_write
 from grayagent.model import Release
-from grayagent.rollout.traffic import AccessLogTailer
 from grayagent.targets.base import ApplyResult, RenderedFiles, StepFailed, http_get, poll_stable
+from grayagent.targets.nginx_access_log import AccessLogTailer
 from grayagent.targets.nginx_process import (
     OLD_WORKERS_GRACE,
     PLACEHOLDER,

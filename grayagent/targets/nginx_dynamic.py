@@ -27,8 +27,8 @@ from pathlib import Path
 from grayagent.errors import UsageError
 from grayagent.fsutil import atomic_write
 from grayagent.model import Release
-from grayagent.rollout.traffic import AccessLogTailer
 from grayagent.targets.base import ApplyResult, RenderedFiles, StepFailed, poll_stable, poll_until
+from grayagent.targets.nginx_access_log import AccessLogTailer
 from grayagent.targets.nginx_control import TOKEN_FILE, ControlClient, LiveState, ensure_token
 from grayagent.targets.nginx_dynamic_render import (
     DATA_FILE,
