@@ -81,3 +81,21 @@ def test_a_taken_port_names_what_set_it(nginx: NginxInstance, backends) -> None:
     assert not ok
     assert f"listen 127.0.0.1:{port} is already in use" in error and "service product" in error, error
     assert target.live_version() is not None and target.live_version()[0] == 1  # type: ignore[index]
+
+
+def test_dynamic_mode_names_a_taken_port_too(tmp_path: Path, backends) -> None:
+    if not lua_available():
+        return
+    nginx = NginxInstance(tmp_path / "nginx", lua=True).start()
+    try:
+        target = dynamic_target(nginx, verify_timeout=1.0)
+        assert _apply(target, free_port(), backends) == (True, "")
+        with socket.socket() as squatter:
+            squatter.bind(("127.0.0.1", 0))
+            squatter.listen()
+            port = squatter.getsockname()[1]
+            ok, error = _apply(target, port, backends, version=2)
+        assert not ok and f"listen 127.0.0.1:{port} is already in use" in error, error
+        assert target.live_version() is not None and target.live_version()[0] == 1  # type: ignore[index]
+    finally:
+        nginx.stop()

@@ -16,8 +16,6 @@ from grayagent.targets.nginx_process import (
     PLACEHOLDER,
     LastGood,
     NginxProcess,
-    remove_leftover_temps,
-    taken_listen,
 )
 from grayagent.targets.nginx_render import VERSION_PATH, NginxOptions, render
 
@@ -50,7 +48,6 @@ class NginxTarget:
         self.process = NginxProcess(settings.binary, settings.main_conf)
         # Beside the conf, hidden and without .conf, so an `include conf.d/*.conf` never loads it.
         self.last_good = LastGood(settings.conf, settings.conf.with_name(f".{settings.conf.name}.last-good"))
-        self._started = False
 
     def render(self, release: Release, version: int, digest: str) -> RenderedFiles:
         return {self.settings.conf.name: render(release, version, digest, self.options).encode("ascii")}
@@ -76,8 +73,7 @@ class NginxTarget:
             return
         live = self.live_version()
         shown = f"version {live[0]}" if live else "no version"
-        taken = taken_listen(self.settings.conf.read_bytes(), self.last_good.read(),
-                             "--verify-listen / verify_listen")
+        taken = self.last_good.taken_listen()
         if taken is not None:
             raise StepFailed(f"nginx still serves {shown} after reload: {taken}")
         raise StepFailed(f"nginx still serves {shown} {self.settings.verify_timeout:.0f}s after reload "
@@ -87,9 +83,7 @@ class NginxTarget:
         result = ApplyResult(ok=False)
         conf = self.settings.conf
         candidate = files[conf.name]
-        if not self._started:  # a killed agent's temp files: nobody else writes beside our conf
-            remove_leftover_temps(conf.parent, (conf.name, self.last_good.path.name))
-            self._started = True
+        self.last_good.remove_leftovers_once()
         previous = self.last_good.read()
         try:
             on_disk: bytes | None = conf.read_bytes()

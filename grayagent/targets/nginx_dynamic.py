@@ -44,8 +44,6 @@ from grayagent.targets.nginx_process import (
     PLACEHOLDER,
     LastGood,
     NginxProcess,
-    remove_leftover_temps,
-    taken_listen,
 )
 
 LUA_MODE = 0o644  # nginx workers (not root) read the modules; they hold code, no secrets
@@ -98,8 +96,7 @@ class NginxDynamicTarget:
         self.traffic = AccessLogTailer(settings.access_log) if settings.access_log is not None else None
         self.process = NginxProcess(settings.binary, settings.main_conf)
         self.control = ControlClient(settings.control_listen, VERSION_PATH, PUSH_PATH, self.token_path)
-        self.last_good = LastGood(settings.conf, self.dir / LAST_GOOD_SKELETON)
-        self._started = False
+        self.last_good = LastGood(settings.conf, self.dir / LAST_GOOD_SKELETON, (DATA_FILE, TOKEN_FILE))
 
     def render(self, release: Release, version: int, digest: str) -> RenderedFiles:
         return render(release, version, digest, self.options)
@@ -132,8 +129,7 @@ class NginxDynamicTarget:
         shown = (f"skeleton {state.skeleton[:12]}, data {state.data[0] if state.data else 'none'}"
                  if state else "no answer")
         if reloaded:
-            taken = taken_listen(self.settings.conf.read_bytes(), self.last_good.read(),
-                                 "--verify-listen / verify_listen")
+            taken = self.last_good.taken_listen()
             if taken is not None:
                 raise StepFailed(f"nginx serves {shown} after the reload: {taken}")
         raise StepFailed(f"nginx serves {shown}, not skeleton {skeleton[:12]} with version {version}, "
@@ -143,6 +139,9 @@ class NginxDynamicTarget:
         """After a reload: until the new workers answer (the old ones answer for a moment after SIGHUP)."""
         if not poll_until(lambda: (state := self.live_state()) is not None and state.skeleton == fp,
                           self.settings.verify_timeout):
+            taken = self.last_good.taken_listen()
+            if taken is not None:
+                raise StepFailed(f"nginx does not run skeleton {fp[:12]} after the reload: {taken}")
             raise StepFailed(f"nginx does not run skeleton {fp[:12]} {self.settings.verify_timeout:.0f}s after "
                              "the reload (see nginx's error_log for [emerg], e.g. a failed bind)")
 
@@ -159,9 +158,7 @@ class NginxDynamicTarget:
         fp = skeleton_fingerprint(skeleton)
         if fp is None:
             raise ValueError("not a dynamic-mode skeleton")  # a programming error, not an apply failure
-        if not self._started:  # a killed agent's temp files: nobody else writes beside our files
-            remove_leftover_temps(self.dir, (conf_name, DATA_FILE, LAST_GOOD_SKELETON, TOKEN_FILE))
-            self._started = True
+        self.last_good.remove_leftovers_once()
         # The skeleton nginx last verifiably served, never simply what is on disk (see nginx_process.LastGood).
         previous = self.last_good.read()
         last_good = self._read(DATA_FILE)

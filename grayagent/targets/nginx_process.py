@@ -78,9 +78,25 @@ class LastGood:
     Not simply what is on disk: an agent killed between placing a candidate and checking it leaves an
     unchecked file there, which must never be restored."""
 
-    def __init__(self, conf: Path, path: Path) -> None:
+    def __init__(self, conf: Path, path: Path, also_ours: tuple[str, ...] = ()) -> None:
         self.conf = conf
         self.path = path
+        self.ours = (conf.name, path.name, *also_ours)  # every file the agent writes in the conf's directory
+        self._cleaned = False
+
+    def remove_leftovers_once(self) -> None:
+        """At the first apply: a killed agent's temp files; nobody else writes beside our files then."""
+        if not self._cleaned:
+            remove_leftover_temps(self.conf.parent, self.ours)
+            self._cleaned = True
+
+    def taken_listen(self) -> str | None:
+        """After a reload that did not take: an address the conf added that another process holds."""
+        try:
+            candidate = self.conf.read_bytes()
+        except FileNotFoundError:
+            return None
+        return taken_listen(candidate, self.read(), "--verify-listen / verify_listen")
 
     def read(self) -> bytes | None:
         with contextlib.suppress(FileNotFoundError):
