@@ -104,6 +104,7 @@ class EnvoyTarget:
         # The agent starts and stops this; per-upstream request, 5xx and latency figures from the admin stats.
         self.traffic = EnvoyStatsPoller(settings.admin_url) if settings.traffic_stats else None
         self._validator: PrewarmedValidator | None = None  # started on first use, then kept one step ahead
+        self._cleaned = False
         # Never inside envoy_dir: the validator's FIFOs would block anyone who reads every file there.
         self.work_dir = (settings.work_dir if settings.work_dir is not None
                          else self.dir.parent / f".{self.dir.name}.grayagent-tmp")
@@ -117,6 +118,10 @@ class EnvoyTarget:
         """Create the watched directories, and empty LDS/CDS files if there are none (Envoy needs them)."""
         for sub in ("lds", "cds", RDS_DIR):
             (self.dir / sub).mkdir(parents=True, exist_ok=True, mode=0o750)
+            if not self._cleaned:  # these directories are ours alone: a killed agent's temp files go
+                for leftover in (self.dir / sub).glob(".*.tmp"):
+                    leftover.unlink(missing_ok=True)
+        self._cleaned = True
         for path, content in empty_files().items():
             if not (self.dir / path).exists():
                 atomic_write(self.dir / path, content)
