@@ -23,6 +23,17 @@ def _apply(target: Target, port: int, backends, version: int = 1) -> tuple[bool,
     return result.ok, result.error or ""
 
 
+def _apply_on_a_taken_port(target: Target, backends) -> tuple[int, bool, str]:
+    """Version 1 on a free port, then version 2 on a port another process listens on."""
+    assert _apply(target, free_port(), backends) == (True, "")
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        ok, error = _apply(target, port, backends, version=2)
+    return port, ok, error
+
+
 def test_temp_files_left_by_a_killed_agent_are_removed_on_start(nginx: NginxInstance, backends) -> None:
     conf_dir = nginx.conf.parent
     leftovers = [conf_dir / ".grayagent.conf.k9x2_a1.tmp", conf_dir / "..grayagent.conf.last-good.zz81.tmp"]
@@ -72,12 +83,7 @@ def test_missing_binary_names_the_setting(nginx: NginxInstance, backends) -> Non
 def test_a_taken_port_names_what_set_it(nginx: NginxInstance, backends) -> None:
     target = NginxTarget(NginxSettings(conf=nginx.conf, main_conf=nginx.main_conf, binary=nginx.binary,
                                        verify_listen=nginx.verify_listen, verify_timeout=1.0))
-    assert _apply(target, free_port(), backends) == (True, "")
-    with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", 0))
-        squatter.listen()
-        port = squatter.getsockname()[1]
-        ok, error = _apply(target, port, backends, version=2)
+    port, ok, error = _apply_on_a_taken_port(target, backends)
     assert not ok
     assert f"listen 127.0.0.1:{port} is already in use" in error and "service product" in error, error
     assert target.live_version() is not None and target.live_version()[0] == 1  # type: ignore[index]
@@ -89,12 +95,7 @@ def test_dynamic_mode_names_a_taken_port_too(tmp_path: Path, backends) -> None:
     nginx = NginxInstance(tmp_path / "nginx", lua=True).start()
     try:
         target = dynamic_target(nginx, verify_timeout=1.0)
-        assert _apply(target, free_port(), backends) == (True, "")
-        with socket.socket() as squatter:
-            squatter.bind(("127.0.0.1", 0))
-            squatter.listen()
-            port = squatter.getsockname()[1]
-            ok, error = _apply(target, port, backends, version=2)
+        port, ok, error = _apply_on_a_taken_port(target, backends)
         assert not ok and f"listen 127.0.0.1:{port} is already in use" in error, error
         assert target.live_version() is not None and target.live_version()[0] == 1  # type: ignore[index]
     finally:
