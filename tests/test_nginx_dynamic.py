@@ -10,7 +10,9 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -36,7 +38,7 @@ from grayagent.targets.nginx_dynamic_render import (
     render_data,
     render_skeleton,
 )
-from tests.agenthelp import Client, dynamic_target, running_agent_for
+from tests.agenthelp import Client, dynamic_target, grayagent, running_agent_for
 from tests.docs import document, dump, service
 from tests.servers.nginx import LUA_MODULE, NginxInstance, lua_available
 from tests.servers.proc import free_port, wait_until
@@ -541,3 +543,39 @@ def test_a_replayed_push_is_refused_and_a_local_revert_still_works(lua_nginx: Ng
     assert client.get("/", {"X-User-Id": "u1"})[1] == "stable"
     apply_doc(target, second, version=3)  # and forward again from there
     assert client.get("/", {"X-User-Id": "u1"})[1] == "canary"
+
+
+@needs_lua
+def test_local_revert_through_the_cli_goes_back_and_unpin_forward(tmp_path: Path, lua_nginx: NginxInstance,
+                                                                   backends) -> None:
+    """Break-glass in dynamic mode: `local-revert` pushes an older version (the next epoch), which nginx takes;
+    the push it replaced cannot be replayed; `--unpin` brings the current version back."""
+    port = free_port()
+    store = FileStore(str(tmp_path / "store"))
+    target = dynamic_target(lua_nginx)
+    config = tmp_path / "agent.yaml"
+    config.write_text(f"store: {tmp_path / 'store'}\nstate_dir: {tmp_path / 'state'}\nnginx_conf: {lua_nginx.conf}\n"
+                      f"nginx_main_conf: {lua_nginx.main_conf}\nnginx_bin: {lua_nginx.binary}\nnginx_mode: dynamic\n"
+                      f"verify_listen: '{lua_nginx.verify_listen}'\nmin_apply_interval: 0.1\n")
+    agent = subprocess.Popen([sys.executable, "-m", "grayagent.cli", "agent", "--config", str(config)],
+                             stdout=subprocess.DEVNULL, stderr=(tmp_path / "agent.log").open("w"))
+    try:
+        _publish(store, _doc(backends, port, {"stable": 100, "canary": 0, "beta": 0}))
+        wait_until(lambda: (target.live_version() or (0, ""))[0] == 1, 15, "version 1")
+        second = _doc(backends, port, {"stable": 0, "canary": 100, "beta": 0})
+        _publish(store, second)
+        wait_until(lambda: (target.live_version() or (0, ""))[0] == 2, 15, "version 2")
+        done = grayagent("local-revert", "1", "--config", str(config), "-m", "canary broke")
+        assert done.returncode == 0, done.stderr
+        assert (target.live_version() or (0, ""))[0] == 1
+        assert Client(port).get("/", {"X-User-Id": "u1"})[1] == "stable"
+        body_2 = target.render(parse_document(dump(second), "t"), 2, digest_of(dump(second)))[DATA_FILE]
+        with pytest.raises(urllib.error.HTTPError) as replayed:
+            urllib.request.urlopen(urllib.request.Request(f"http://{lua_nginx.verify_listen}{PUSH_PATH}", data=body_2,
+                                                          method="POST", headers=_signed(target, body_2)), timeout=5)
+        assert replayed.value.code == 409
+        assert grayagent("local-revert", "--unpin", "--config", str(config)).returncode == 0
+        wait_until(lambda: (target.live_version() or (0, ""))[0] == 2, 15, "version 2 again after unpin")
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(20) == 0
