@@ -36,11 +36,11 @@ from grayagent.errors import GrayagentError, InvalidDocument
 from grayagent.health import Health, Observation
 from grayagent.model import parse_document, reserved_listen_problems
 from grayagent.observe import AgentMetrics
-from grayagent.rollout.traffic import TrafficCollector, TrafficSource
 from grayagent.state import StateDir
 from grayagent.stores.base import FleetStatus, Store, VersionRecord, digest_of
 from grayagent.stores.localcache import load_cache, save_cache
 from grayagent.targets.base import ApplyResult, Target
+from grayagent.targets.traffic import TrafficCollector, TrafficSampler
 
 log = structlog.get_logger("grayagent.agent")
 
@@ -99,7 +99,7 @@ class Agent:
         self.status = AgentStatus(host=settings.host, target=target.name)
         self.metrics = AgentMetrics(target.name)
         # Per-upstream figures from the gateway (nginx: its JSON access log), for the rollout controller.
-        self.traffic: TrafficSource | None = getattr(target, "traffic", None)
+        self.traffic: TrafficSampler | None = target.traffic
         if self.traffic is not None:
             self.metrics.registry.register(TrafficCollector(self.traffic.counters, target.name))
         reporter = StatusReporter(store, settings.host, settings.status_interval, self._traffic_status) \
@@ -122,7 +122,7 @@ class Agent:
         return self.keeper.reporter
 
     def _traffic_status(self) -> dict[str, Any]:
-        return {"traffic": self.traffic.snapshot()} if self.traffic is not None else {}
+        return {"traffic": self.traffic.snapshot().as_dict()} if self.traffic is not None else {}
 
     # ------------------------------------------------------------------ watch handler (watch thread)
 

@@ -47,6 +47,7 @@ class AgentOptions:
     host: str = field(default_factory=socket.gethostname)
     min_apply_interval: float = 1.0
     status_listen: str = "127.0.0.1:9180"
+    status_token_file: str | None = None  # bearer token for /status and /metrics (one line; never logged)
     log_level: str = "info"
     nginx_conf: str | None = None
     nginx_main_conf: str = "/etc/nginx/nginx.conf"
@@ -154,7 +155,8 @@ def build_target(options: AgentOptions) -> Target:
 
         assert options.envoy_dir is not None
         return EnvoyTarget(EnvoySettings(envoy_dir=Path(options.envoy_dir).absolute(), admin_url=options.envoy_admin,
-                                         binary=options.envoy_bin, traffic_stats=options.envoy_traffic_stats))
+                                         binary=options.envoy_bin, traffic_stats=options.envoy_traffic_stats,
+                                         work_dir=StateDir(Path(options.state_dir or ".").absolute()).tmp_dir()))
     assert options.nginx_conf is not None
     if options.nginx_mode == "dynamic":
         from grayagent.targets.nginx_dynamic import NginxDynamicSettings, NginxDynamicTarget
@@ -208,13 +210,17 @@ def watchdog_ping() -> None:
     sdnotify.notify("WATCHDOG=1")
 
 
-def start_status_server(listen: str, agent: Agent) -> StatusServer:
+def start_status_server(listen: str, agent: Agent, token_file: str | None = None) -> StatusServer:
     def status() -> dict[str, Any]:
         agent.health()  # the same fresh assessment /healthz makes
         return agent.status.as_dict()
 
     try:
-        return StatusServer(listen, agent.metrics, agent.health, status).start()
+        token = Path(token_file).read_text("utf-8").strip() if token_file else None
+    except OSError as exc:
+        raise UsageError(f"status_token_file {token_file}: {exc.strerror or exc}") from None
+    try:
+        return StatusServer(listen, agent.metrics, agent.health, status, token=token or None).start()
     except OSError as exc:
         raise UsageError(f"status_listen {listen} (--status-listen, GRAYAGENT_STATUS_LISTEN or the config "
                          f"file): {exc.strerror or exc}") from None
@@ -223,7 +229,7 @@ def start_status_server(listen: str, agent: Agent) -> StatusServer:
 def _start(options: AgentOptions) -> tuple[Agent, StatusServer]:
     agent = build_agent(options)
     try:
-        return agent, start_status_server(options.status_listen, agent)
+        return agent, start_status_server(options.status_listen, agent, options.status_token_file)
     except BaseException:
         agent.store.close()  # a reload that cannot start must not leak the new store's connection
         raise

@@ -13,10 +13,10 @@ from pathlib import Path
 from grayagent.errors import InvalidDocument, Problem, UsageError
 from grayagent.model import Release
 from grayagent.targets.base import StepFailed, run_command
-from grayagent.targets.envoy import VALIDATE_ARGS, _first_line
+from grayagent.targets.envoy import VALIDATE_ARGS, first_error_line
 from grayagent.targets.envoy_render import render as render_envoy
 from grayagent.targets.envoy_render import validation_bootstrap
-from grayagent.targets.nginx import _first_error
+from grayagent.targets.nginx_process import first_error
 from grayagent.targets.nginx_render import render as render_nginx
 
 CHECKS = ("nginx", "envoy")
@@ -48,7 +48,7 @@ def check_nginx(release: Release, source: str, binary: str = "nginx", timeout: f
         done = _run([binary, "-t", "-q", "-p", str(root), "-e", str(root / "error.log"), "-c", str(main)],
                     source, timeout)
         if done[0] != 0:
-            raise InvalidDocument([Problem(source, "", f"nginx -t refused it: {_first_error(done[1])}")])
+            raise InvalidDocument([Problem(source, "", f"nginx -t refused it: {first_error(done[1])}")])
 
 
 def check_envoy(release: Release, source: str, binary: str = "envoy", timeout: float = 120.0) -> None:
@@ -58,7 +58,8 @@ def check_envoy(release: Release, source: str, binary: str = "envoy", timeout: f
         candidate.write_bytes(bootstrap)
         done = _run([binary, "--mode", "validate", "-c", str(candidate), *VALIDATE_ARGS], source, timeout)
         if done[0] != 0:
-            raise InvalidDocument([Problem(source, "", f"envoy --mode validate refused it: {_first_line(done[1])}")])
+            refusal = first_error_line(done[1])
+            raise InvalidDocument([Problem(source, "", f"envoy --mode validate refused it: {refusal}")])
 
 
 def _run(argv: list[str], source: str, timeout: float) -> tuple[int, str]:

@@ -18,9 +18,12 @@ from grayagent.routing import Decision, Request, route
 from tests.docs import document, service
 
 UPSTREAMS = ("stable", "canary", "beta")
+# Optional whitespace around a header value (RFC 9110): spaces and tabs, leading, trailing, mixed, alone.
+# Every target must strip it as docs/routing-semantics.md §1 says; a value of only whitespace is absent.
+OWS = ["\tlead-tab", "trail-tab\t", " \t mixed \t", "\t", " \t ", "\t\t", " lead-space"]
 
 AWKWARD = ["", "é", "中文键", "😀", "a" * 4096, '"quoted"', "'single'", "back\\slash", "$host", "{brace}",
-           "x" * 37, "0", " ", "%00", "tab\tinside", "ümlaut-ä", "end "]
+           "x" * 37, "0", " ", "%00", "tab\tinside", "ümlaut-ä", "end ", *OWS]
 
 
 def fidelity_document(ports: dict[str, int], listen_a: int, listen_b: int) -> dict[str, Any]:
@@ -122,18 +125,20 @@ def requests(n: int, seed: int = 20261126) -> list[FidelityRequest]:
             req = FidelityRequest("svc-a", "/" + rng.choice(["", "x", "items/1"]))
             req.headers.append(("X-User-Id", key))
             if rng.random() < 0.1:
-                req.headers.append(("X-Employee", _pick(rng, "true", "True", "true ", "false", "")))
+                req.headers.append(("X-Employee", _pick(rng, "true", "True", "true ", "false", "", "\ttrue",
+                                                        "true\t", " \ttrue\t ", "\t", "tr\tue")))
             if rng.random() < 0.1:
-                req.headers.append(("X-User-Tag", _pick(rng, "vip", "VIP", "beta", "中文", "vip2", "")))
+                req.headers.append(("X-User-Tag", _pick(rng, "vip", "VIP", "beta", "中文", "vip2", "", "\tvip",
+                                                        "beta\t", " \t")))
             if rng.random() < 0.1:
                 req.headers.append(("X-Region", _pick(rng, "bj", "sh12", "gz", "bj-1", "SH", "")))
             if rng.random() < 0.1:
                 req.headers.append(("User-Agent", _pick(rng, "Mozilla iPhone", "IPHONE", "android")))
                 req.headers.append(("Cookie", _pick(rng, "beta=1", "beta=10", "xbeta=1", "a=2; beta=1")))
             if rng.random() < 0.05:
-                req.headers.append(("X-Build", _pick(rng, "2024.1", "2024", "2023.9")))
+                req.headers.append(("X-Build", _pick(rng, "2024.1", "2024", "2023.9", "\t2024.1", " \t2024.")))
             if rng.random() < 0.05:
-                req.headers.append(("X-Probe", _pick(rng, "1", "")))
+                req.headers.append(("X-Probe", _pick(rng, "1", "", "\t", " \t ")))
                 if rng.random() < 0.5:
                     req.headers.append(("X-Skip", _pick(rng, "1", "")))
             if rng.random() < 0.05:

@@ -15,6 +15,7 @@ from tests.docs import document, dump, service
 
 class BrokenTarget:
     name = "broken"
+    traffic = None
 
     def __init__(self, fail_render: bool) -> None:
         self.fail_render = fail_render

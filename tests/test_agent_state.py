@@ -27,6 +27,7 @@ class MemoryTarget:
     """A proxy that always takes the files and then serves what it was given (the proxy is not under test)."""
 
     name = "memory"
+    traffic = None
 
     def __init__(self) -> None:
         self.live: tuple[int, str] | None = None

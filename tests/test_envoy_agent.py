@@ -269,3 +269,23 @@ def test_random_split_without_key_follows_the_weights(tmp_path: Path, envoy, bac
     shares = {k: v / 3000 for k, v in counts.items()}
     assert abs(shares["stable"] - 0.5) < 0.04 and abs(shares["canary"] - 0.305) < 0.04, shares
     assert Client(port).get("/?uid=42")[1] == route(release.services[0], Request.build(query="uid=42")).upstream
+
+
+def test_a_killed_agents_temp_files_are_removed_and_validation_leaves_none(tmp_path: Path, envoy, backends) -> None:
+    """Issue 12/13: temp files of an atomic write cut short by kill -9, and the validator's private directory:
+    none is left in Envoy's watched directories or in the work dir once the target is done."""
+    envoy.envoy_dir.joinpath("lds").mkdir(parents=True, exist_ok=True)
+    envoy.envoy_dir.joinpath("rds").mkdir(parents=True, exist_ok=True)
+    leftovers = [envoy.envoy_dir / "lds" / ".lds.json.k9x2.tmp", envoy.envoy_dir / "rds" / ".grayagent_x.json.a1.tmp"]
+    for path in leftovers:
+        path.write_text("{")
+    work = tmp_path / "state" / "tmp"
+    target = envoy_target(envoy, work_dir=work)
+    content = dump(make_doc(backends, free_port(), {"stable": 100, "canary": 0, "beta": 0}))
+    result = target.apply(target.render(parse_document(content, "t"), 1, digest_of(content)), 1, digest_of(content))
+    assert result.ok, result.error
+    assert [p for p in leftovers if p.exists()] == []
+    assert [p.name for p in work.iterdir()] and all(p.name.startswith("envoy-validate-") for p in work.iterdir())
+    assert target._validator is not None
+    target._validator.close()
+    assert list(work.iterdir()) == []

@@ -10,6 +10,9 @@ import dataclasses
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -24,7 +27,8 @@ from grayagent.model import Release, parse_document
 from grayagent.routing import Request, route
 from grayagent.stores.base import digest_of
 from grayagent.stores.file import FileStore
-from grayagent.targets.nginx_dynamic import TOKEN_FILE, NginxDynamicSettings, NginxDynamicTarget
+from grayagent.targets.nginx_control import TOKEN_FILE, push_headers, read_token
+from grayagent.targets.nginx_dynamic import NginxDynamicSettings, NginxDynamicTarget
 from grayagent.targets.nginx_dynamic_render import (
     DATA_FILE,
     PUSH_PATH,
@@ -34,7 +38,7 @@ from grayagent.targets.nginx_dynamic_render import (
     render_data,
     render_skeleton,
 )
-from tests.agenthelp import Client, dynamic_target, running_agent_for
+from tests.agenthelp import Client, dynamic_target, grayagent, running_agent_for
 from tests.docs import document, dump, service
 from tests.servers.nginx import LUA_MODULE, NginxInstance, lua_available
 from tests.servers.proc import free_port, wait_until
@@ -133,6 +137,13 @@ def lua_nginx(tmp_path: Path) -> Iterator[NginxInstance]:
     instance = NginxInstance(tmp_path / "nginx", lua=True).start()
     yield instance
     instance.stop()
+
+
+def _signed(target: NginxDynamicTarget, body: bytes, epoch: int = 0) -> dict[str, str]:
+    """The headers of a push as this host's agent signs it."""
+    token = read_token(target.token_path)
+    assert token is not None
+    return push_headers(token, epoch, body)
 
 
 def apply_doc(target: NginxDynamicTarget, doc: dict, version: int = 1) -> None:
@@ -252,7 +263,7 @@ def test_push_endpoint_refuses_code_and_garbage(lua_nginx: NginxInstance, backen
                  b'return {version = 2, digest = "d", fingerprint = "f", services = {x = {upstreams = {}}}}'):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST",
-                                                          headers={"X-Grayagent-Token": target.token}), timeout=5)
+                                                          headers=_signed(target, body)), timeout=5)
         assert refused.value.code == 400, body
     assert target.live_version() is not None and target.live_version()[0] == 1  # type: ignore[index]
     assert Client(port).get("/")[0] == 200
@@ -387,7 +398,7 @@ def test_failed_push_restores_last_good(tmp_path: Path, lua_nginx: NginxInstance
         with pytest.raises(urllib.error.HTTPError) as full:
             urllib.request.urlopen(urllib.request.Request(f"http://{lua_nginx.verify_listen}{PUSH_PATH}",
                                                           data=files[DATA_FILE], method="POST",
-                                                          headers={"X-Grayagent-Token": target.token}), timeout=5)
+                                                          headers=_signed(target, files[DATA_FILE])), timeout=5)
         assert full.value.code == 507
         for _ in range(20):
             assert target.live_version()[0] == version - 1  # type: ignore[index]
@@ -474,3 +485,97 @@ def test_a_skeleton_left_by_a_crash_is_never_restored(lua_nginx: NginxInstance, 
     assert not result.ok and result.restored
     assert lua_nginx.conf.read_bytes() == verified
     assert lua_nginx.test_config().returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------- push secret
+
+
+@needs_lua
+def test_no_rendered_file_holds_the_push_token(lua_nginx: NginxInstance, backends) -> None:
+    """The token is read by nginx's master from its 0600 file: not in the skeleton (0640), its last-good
+    copy, the data, the Lua modules, nor `nginx -T`. And building the target writes nothing."""
+    token_file = lua_nginx.conf.parent / ".grayagent-control-token"
+    target = dynamic_target(lua_nginx)
+    assert not token_file.exists(), "a constructor only builds"
+    port = free_port()
+    apply_doc(target, document(service(listen=f"127.0.0.1:{port}",
+                                       servers={n: [f"127.0.0.1:{b.port}"] for n, b in backends.items()})))
+    token = token_file.read_text().strip()
+    assert len(token) == 64 and oct(token_file.stat().st_mode & 0o777) == "0o600"
+    scanned = [p for p in lua_nginx.root.rglob("*") if p.is_file() and p != token_file]
+    assert len(scanned) > 5
+    assert [p for p in scanned if token.encode() in p.read_bytes()] == []
+    dumped = subprocess.run([lua_nginx.binary, "-T", "-c", str(lua_nginx.main_conf)], capture_output=True, text=True,
+                            check=True)
+    assert str(token_file) in dumped.stdout and token not in dumped.stdout + dumped.stderr
+    assert Client(port).get("/")[0] == 200
+
+
+@needs_lua
+def test_a_replayed_push_is_refused_and_a_local_revert_still_works(lua_nginx: NginxInstance, backends) -> None:
+    port = free_port()
+    target = dynamic_target(lua_nginx)
+    first = _doc(backends, port, {"stable": 100, "canary": 0, "beta": 0})
+    second = _doc(backends, port, {"stable": 0, "canary": 100, "beta": 0})
+    apply_doc(target, first, version=1)
+    body_1 = target.render(parse_document(dump(first), "t"), 1, digest_of(dump(first)))[DATA_FILE]
+    apply_doc(target, second, version=2)
+    body_2 = target.render(parse_document(dump(second), "t"), 2, digest_of(dump(second)))[DATA_FILE]
+    client = Client(port)
+    assert client.get("/", {"X-User-Id": "u1"})[1] == "canary"
+
+    def replay(body: bytes) -> int:
+        """The same bytes and headers the agent sent for that version (the signature is deterministic)."""
+        url = f"http://{lua_nginx.verify_listen}{PUSH_PATH}"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST",
+                                                          headers=_signed(target, body)), timeout=5)
+        return refused.value.code
+
+    assert replay(body_1) == 409, "an old push, replayed, must not roll routing back"
+    assert target.live_version() == (2, digest_of(dump(second)))
+    assert client.get("/", {"X-User-Id": "u1"})[1] == "canary"
+    # The agent itself going back (local-revert, a pin): it signs the next epoch, and nginx takes it.
+    apply_doc(target, first, version=1)
+    assert target.live_version() == (1, digest_of(dump(first)))
+    assert client.get("/", {"X-User-Id": "u1"})[1] == "stable"
+    assert replay(body_2) == 409, "a push of the epoch before the revert is a replay too"
+    assert client.get("/", {"X-User-Id": "u1"})[1] == "stable"
+    apply_doc(target, second, version=3)  # and forward again from there
+    assert client.get("/", {"X-User-Id": "u1"})[1] == "canary"
+
+
+@needs_lua
+def test_local_revert_through_the_cli_goes_back_and_unpin_forward(tmp_path: Path, lua_nginx: NginxInstance,
+                                                                   backends) -> None:
+    """Break-glass in dynamic mode: `local-revert` pushes an older version (the next epoch), which nginx takes;
+    the push it replaced cannot be replayed; `--unpin` brings the current version back."""
+    port = free_port()
+    store = FileStore(str(tmp_path / "store"))
+    target = dynamic_target(lua_nginx)
+    config = tmp_path / "agent.yaml"
+    config.write_text(f"store: {tmp_path / 'store'}\nstate_dir: {tmp_path / 'state'}\nnginx_conf: {lua_nginx.conf}\n"
+                      f"nginx_main_conf: {lua_nginx.main_conf}\nnginx_bin: {lua_nginx.binary}\nnginx_mode: dynamic\n"
+                      f"verify_listen: '{lua_nginx.verify_listen}'\nmin_apply_interval: 0.1\n")
+    agent = subprocess.Popen([sys.executable, "-m", "grayagent.cli", "agent", "--config", str(config)],
+                             stdout=subprocess.DEVNULL, stderr=(tmp_path / "agent.log").open("w"))
+    try:
+        _publish(store, _doc(backends, port, {"stable": 100, "canary": 0, "beta": 0}))
+        wait_until(lambda: (target.live_version() or (0, ""))[0] == 1, 15, "version 1")
+        second = _doc(backends, port, {"stable": 0, "canary": 100, "beta": 0})
+        _publish(store, second)
+        wait_until(lambda: (target.live_version() or (0, ""))[0] == 2, 15, "version 2")
+        done = grayagent("local-revert", "1", "--config", str(config), "-m", "canary broke")
+        assert done.returncode == 0, done.stderr
+        assert (target.live_version() or (0, ""))[0] == 1
+        assert Client(port).get("/", {"X-User-Id": "u1"})[1] == "stable"
+        body_2 = target.render(parse_document(dump(second), "t"), 2, digest_of(dump(second)))[DATA_FILE]
+        with pytest.raises(urllib.error.HTTPError) as replayed:
+            urllib.request.urlopen(urllib.request.Request(f"http://{lua_nginx.verify_listen}{PUSH_PATH}", data=body_2,
+                                                          method="POST", headers=_signed(target, body_2)), timeout=5)
+        assert replayed.value.code == 409
+        assert grayagent("local-revert", "--unpin", "--config", str(config)).returncode == 0
+        wait_until(lambda: (target.live_version() or (0, ""))[0] == 2, 15, "version 2 again after unpin")
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(20) == 0

@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 
 from grayagent.observe import AgentMetrics
-from grayagent.rollout.traffic import AccessLogTailer, TrafficCollector, parse_line
 from grayagent.stores.file import FileStore
 from grayagent.targets.nginx import NginxSettings, NginxTarget
+from grayagent.targets.nginx_access_log import AccessLogTailer, parse_line
+from grayagent.targets.traffic import TrafficCollector
 from tests.agenthelp import Client, running_agent_for, wait_live
 from tests.docs import document, service
 from tests.servers.proc import free_port, wait_until
@@ -62,7 +63,7 @@ def test_tailer_survives_rotation_and_truncation(tmp_path: Path) -> None:
             return json.dumps({"u": f"grayagent.product.{up}", "st": str(status), "rt": "0.005", "urt": urt}) + "\n"
 
         def requests(up: str) -> int:
-            return tailer.snapshot()["upstreams"].get(f"product/{up}", {}).get("requests", 0)
+            return tailer.snapshot().as_dict()["upstreams"].get(f"product/{up}", {}).get("requests", 0)
 
         time.sleep(0.1)
         with log.open("a") as f:
@@ -79,7 +80,7 @@ def test_tailer_survives_rotation_and_truncation(tmp_path: Path) -> None:
         with log.open("a") as f:
             f.write(line("stable", 502, "-") + "not json\n" + '{"u":"backend_x","st":"200"}\n')
         wait_until(lambda: requests("stable") == 6, 5, "lines after truncation")
-        snap = tailer.snapshot()["upstreams"]
+        snap = tailer.snapshot().as_dict()["upstreams"]
         assert snap["product/canary"]["errors_5xx"] == 1 and snap["product/stable"]["errors_5xx"] == 1
         assert "old/stable" not in json.dumps(snap)
     finally:
@@ -135,7 +136,8 @@ def test_envoy_agent_reports_per_cluster_figures(tmp_path: Path, backends) -> No
 
 
 def test_envoy_totals_parsing() -> None:
-    from grayagent.rollout.traffic import ENVOY_BUCKETS_MS, TrafficCounters, envoy_totals
+    from grayagent.targets.envoy_stats import ENVOY_BUCKETS_MS, envoy_totals
+    from grayagent.targets.traffic import TrafficCounters
 
     buckets = [{"upper_bound": b, "interval": 0, "cumulative": 10 if b >= 5 else 0} for b in ENVOY_BUCKETS_MS]
     body = {"stats": [{"name": "cluster.grayagent.product.canary.upstream_rq_total", "value": 12},

@@ -180,8 +180,11 @@ function M.in_cidrs(list, peer)
 end
 
 -- LuaJIT's math.random starts from the same fixed seed in every Lua state (and x-request-id can come
--- from the client), so seed each state once from /dev/urandom.
-do
+-- from the client), so seed each state once from /dev/urandom: at its first draw, not at load, since
+-- nginx loads this module in its master (init_by_lua) and every forked worker would share one sequence.
+local seeded = false
+local function seed_once()
+  seeded = true
   local seed = 0
   local f = io and io.open("/dev/urandom", "rb")
   if f then
@@ -194,6 +197,7 @@ do
 end
 
 function M.random_uint32()
+  if not seeded then seed_once() end
   return floor(math.random() * 4294967296)
 end
 

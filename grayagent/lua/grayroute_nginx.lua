@@ -3,7 +3,11 @@
 --   access(service, fp)  access_by_lua: set $ga_upstream from the routing data pushed for skeleton fp;
 --                        with no data (an nginx restart empties the shared dict), or on any error, the
 --                        skeleton's `set $ga_upstream <default>` stands: never an error for the client;
---   push(fp)             content_by_lua on the loopback control server: POST the routing data;
+--   init(token_file)     init_by_lua, in nginx's master (as root): read the push secret from its 0600 file,
+--                        so that no rendered file holds it; workers inherit it at fork;
+--   push(fp)             content_by_lua on the loopback control server: POST the routing data, signed
+--                        (X-Grayagent-Signature: base64 HMAC-SHA1 over "<epoch>\n" .. body) when init ran;
+--                        refused when its (epoch, version) is below the one held (a replayed old push);
 --   version(fp)          content_by_lua on the loopback control server: "skeleton <fp>\ndata <v> <digest>".
 --
 -- The routing data is a Lua chunk made only of table constructors (the agent serialises it with
@@ -21,6 +25,9 @@ local M = {}
 
 -- This worker's parsed data: skeleton fingerprint, generation it was parsed at, the table.
 local cached_fp, cached_gen, cached = nil, nil, nil
+
+-- The push secret, read once by init(); token_file stays nil when the skeleton has no init (unsigned pushes).
+local token, token_file = nil, nil
 
 local function is_string(v) return type(v) == "string" end
 local function is_index(v, n) return type(v) == "number" and v >= 1 and v <= n and v % 1 == 0 end
@@ -70,6 +77,11 @@ local function check_service(name, svc)
     end
   end
   return nil
+end
+
+-- Leading and trailing spaces and tabs are not part of a header value (RFC 9110 OWS; routing.py strips both).
+local function strip_ows(v)
+  return (v:match("^[ \t]*(.-)[ \t]*$"))
 end
 
 local function header_var(name)
@@ -132,7 +144,7 @@ local function value_of(req, i)
   local kind = f[1]
   local var = ngx.var
   if kind == "header" then
-    v = var[f.var] or ""                -- nginx 1.22: the first value; Cookie joined with "; "
+    v = strip_ows(var[f.var] or "")     -- nginx 1.22: the first value; Cookie joined with "; "
   elseif kind == "cookie" then
     v = core.cookie_value(var.http_cookie or "", f[2])
   elseif kind == "query" then
@@ -179,10 +191,42 @@ local function answer(status, text)
   return ngx.exit(ngx.HTTP_OK)  -- the status is already set; this only ends the request
 end
 
-function M.push(fp, token)
+function M.init(path)
+  token_file = path
+  local f = io.open(path, "rb")
+  if f then
+    local text = f:read("*a") or ""
+    f:close()
+    token = text:match("^%s*(%x+)%s*$")
+    if token ~= nil and #token ~= 64 then token = nil end
+  end
+  if token == nil then
+    ngx.log(ngx.ERR, "grayagent: no push token in ", path, ": every push is refused until nginx reloads")
+  end
+end
+
+-- The epoch a push claims, checked against its signature when init ran; nil and why when it fails.
+local function push_epoch(body)
+  local headers = ngx.req.get_headers()
+  local epoch = headers["x-grayagent-epoch"]
+  if type(epoch) ~= "string" or not epoch:match("^%d%d?%d?%d?%d?%d?%d?%d?%d?$") then
+    if token_file == nil and epoch == nil then return 0 end
+    return nil, "missing or bad X-Grayagent-Epoch"
+  end
+  if token_file ~= nil then
+    if token == nil then return nil, "nginx read no push token at init (" .. token_file .. "); reload nginx" end
+    local signed = headers["x-grayagent-signature"]
+    if signed ~= ngx.encode_base64(ngx.hmac_sha1(token, epoch .. "\n" .. body)) then
+      return nil, "missing or wrong X-Grayagent-Signature"
+    end
+  end
+  return tonumber(epoch)
+end
+
+function M.push(fp)
   if ngx.req.get_method() ~= "POST" then return answer(405, "POST the routing data") end
-  if token ~= nil and ngx.req.get_headers()["x-grayagent-token"] ~= token then
-    return answer(403, "refused: missing or wrong X-Grayagent-Token")
+  if token_file ~= nil and token == nil then
+    return answer(403, "refused: nginx read no push token at init (" .. token_file .. "); reload nginx")
   end
   ngx.req.read_body()
   local body = ngx.req.get_body_data()
@@ -194,8 +238,16 @@ function M.push(fp, token)
     end
   end
   if body == nil or body == "" then return answer(400, "refused: empty body") end
+  local epoch, why = push_epoch(body)
+  if epoch == nil then return answer(403, "refused: " .. why) end
   local data, err = load_data(body)
   if data == nil then return answer(400, "refused: " .. err) end
+  -- Replay: never below what is held. The agent goes back on purpose only with a higher epoch.
+  local held_epoch, held_version = DICT:get("held:epoch") or 0, DICT:get("held:version") or 0
+  if epoch < held_epoch or (epoch == held_epoch and data.version < held_version) then
+    return answer(409, string.format("refused: version %d (epoch %d) is older than the one held, %d (epoch %d)",
+                                     data.version, epoch, held_version, held_epoch))
+  end
   local key = data.fingerprint
   -- Each push is a new key (blob:<fp>:<generation>), then the generation moves: a failed store (a full
   -- dict) never touches the data in use, and a safe_set fails rather than evicting other data.
@@ -203,6 +255,8 @@ function M.push(fp, token)
   local ok, set_err = DICT:safe_set("blob:" .. key .. ":" .. gen, body)
   if not ok then return answer(507, "refused: shared dict: " .. tostring(set_err)) end
   DICT:set("gen:" .. key, gen)  -- a number: replaced in place
+  DICT:set("held:epoch", epoch)
+  DICT:set("held:version", data.version)
   -- Keep the previous generation (a worker may be reading it right now); forget older ones, and the
   -- data of skeletons that are neither this one nor the pushed one (old topologies).
   for _, k in ipairs(DICT:get_keys(0)) do
@@ -219,7 +273,8 @@ function M.version(fp)
   -- The version this worker routes with: the data it parsed (or parses now) for its skeleton.
   local data = current(fp)
   local held = data and string.format("%d %s", data.version, data.digest) or "none"
-  return answer(200, "skeleton " .. fp .. "\ndata " .. held)
+  local newest = string.format("%d %d", DICT:get("held:epoch") or 0, DICT:get("held:version") or 0)
+  return answer(200, "skeleton " .. fp .. "\ndata " .. held .. "\nheld " .. newest)
 end
 
 return M

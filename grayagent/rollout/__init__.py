@@ -1,7 +1,7 @@
 """Progressive rollout: ramp a canary's split weight step by step, judge it by its traffic, roll back on failure.
 
-- `traffic`: per-upstream request, 5xx and latency counters that agents build from the gateway itself;
-- `sources`: where the controller reads those figures (the fleet's status entries, or Prometheus);
+- `sources`: where the controller reads traffic figures: the snapshots agents put in the fleet's status entries
+  (counted by each target's sampler, grayagent/targets/traffic.py), or Prometheus;
 - `analysis`: the window math and the verdict;
 - `document`: rewriting one service's split weights in a rule document, and nothing else;
 - `record`: the rollout record (RolloutRecord) and its JSON;

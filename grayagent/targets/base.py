@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from grayagent.model import Release
+from grayagent.targets.traffic import TrafficSampler
 
 RenderedFiles = dict[str, bytes]
 
@@ -38,6 +39,11 @@ class StepFailed(Exception):
 
 class Target(Protocol):
     name: str
+
+    @property
+    def traffic(self) -> TrafficSampler | None:
+        """Per-upstream figures the gateway produces (TrafficSampler.snapshot), or None when not configured.
+        The agent starts and stops the sampler; the target's constructor only builds it."""
 
     def render(self, release: Release, version: int, digest: str) -> RenderedFiles:
         """Pure: the same inputs give byte-identical files."""

@@ -24,7 +24,6 @@ import structlog
 
 from grayagent.fsutil import atomic_write
 from grayagent.model import Release
-from grayagent.rollout.traffic import EnvoyStatsPoller
 from grayagent.targets.base import ApplyResult, RenderedFiles, StepFailed, http_get, run_command
 from grayagent.targets.envoy_render import (
     CDS_FILE,
@@ -38,6 +37,8 @@ from grayagent.targets.envoy_render import (
     render,
     validation_bootstrap,
 )
+from grayagent.targets.envoy_stats import EnvoyStatsPoller
+from grayagent.targets.envoy_validate import DIR_PREFIX as VALIDATE_DIR_PREFIX
 from grayagent.targets.envoy_validate import PrewarmedValidator
 
 LDS_STATS = "listener_manager.lds"
@@ -62,6 +63,7 @@ class EnvoySettings:
     verify_timeout: float = 10.0           # per file: how long Envoy may take to accept it
     validate_timeout: float = 120.0
     traffic_stats: bool = False            # poll per-cluster stats for rollout figures (agent /metrics, status)
+    work_dir: Path | None = None           # validation's temporary files (the agent: <state_dir>/tmp)
 
 
 def _version_info(content: bytes) -> str:
@@ -84,7 +86,8 @@ def _subscription(path: str) -> str:
     return rds_stat(Path(path).stem).removesuffix(".version_text")
 
 
-def _first_line(output: str) -> str:
+def first_error_line(output: str) -> str:
+    """The first line of envoy's output worth showing (its [critical] or [error] message), at most 500 characters."""
     lines = [line for line in output.splitlines() if line.strip()]
     for line in lines:
         if "[critical]" in line or "[error]" in line:
@@ -102,6 +105,10 @@ class EnvoyTarget:
         # The agent starts and stops this; per-upstream request, 5xx and latency figures from the admin stats.
         self.traffic = EnvoyStatsPoller(settings.admin_url) if settings.traffic_stats else None
         self._validator: PrewarmedValidator | None = None  # started on first use, then kept one step ahead
+        self._cleaned = False
+        # Never inside envoy_dir: the validator's FIFOs would block anyone who reads every file there.
+        self.work_dir = (settings.work_dir if settings.work_dir is not None
+                         else self.dir.parent / f".{self.dir.name}.grayagent-tmp")
 
     def render(self, release: Release, version: int, digest: str) -> RenderedFiles:
         return render(release, version, digest, self.options)
@@ -112,6 +119,10 @@ class EnvoyTarget:
         """Create the watched directories, and empty LDS/CDS files if there are none (Envoy needs them)."""
         for sub in ("lds", "cds", RDS_DIR):
             (self.dir / sub).mkdir(parents=True, exist_ok=True, mode=0o750)
+            if not self._cleaned:  # these directories are ours alone: a killed agent's temp files go
+                for leftover in (self.dir / sub).glob(".*.tmp"):
+                    leftover.unlink(missing_ok=True)
+        self._cleaned = True
         for path, content in empty_files().items():
             if not (self.dir / path).exists():
                 atomic_write(self.dir / path, content)
@@ -197,7 +208,8 @@ class EnvoyTarget:
 
     def _validate(self, files: RenderedFiles) -> None:
         if self._validator is None:
-            self._validator = PrewarmedValidator(self.settings.binary, VALIDATE_ARGS, self.settings.validate_timeout)
+            self._validator = PrewarmedValidator(self.settings.binary, VALIDATE_ARGS, self.settings.validate_timeout,
+                                                 self.work_dir)
         try:
             code, output = self._validator.validate(validation_bootstrap(files))
         except OSError as exc:
@@ -205,10 +217,11 @@ class EnvoyTarget:
             log.warning("pre-started envoy validator unusable; validating cold", error=str(exc))
             code, output = self._validate_cold(files)
         if code != 0:
-            raise StepFailed(f"envoy --mode validate failed: {_first_line(output)}")
+            raise StepFailed(f"envoy --mode validate failed: {first_error_line(output)}")
 
     def _validate_cold(self, files: RenderedFiles) -> tuple[int, str]:
-        candidate = self.dir / f".validate-{os.getpid()}.json"
+        self.work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        candidate = self.work_dir / f"{VALIDATE_DIR_PREFIX}{os.getpid()}.json"  # a leftover is removed by pid
         try:
             atomic_write(candidate, validation_bootstrap(files))
             done = run_command([self.settings.binary, "--mode", "validate", "-c", str(candidate), *VALIDATE_ARGS],

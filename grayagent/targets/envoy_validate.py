@@ -5,6 +5,10 @@ A cold `envoy --mode validate` spends most of its time starting the ~100 MB bina
 is started in advance and blocks opening its bootstrap, a FIFO in a private directory; validating writes
 the candidate into the FIFO and reads the verdict. The waiting process dies with the agent
 (PR_SET_PDEATHSIG), and any trouble with it falls back to a cold run.
+
+The private directory lives under the agent's work dir (its state dir), never the system temp dir: it is
+removed on close, when the validator is collected or the interpreter exits, and, after a kill -9, by the
+next validator that starts there (a directory whose pid is gone is a leftover).
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ import ctypes
 import errno
 import os
 import select
+import shutil
 import signal
 import subprocess
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,12 +36,50 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+DIR_PREFIX = "envoy-validate-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_leftovers(work_dir: Path) -> list[Path]:
+    """Validator directories (and cold-validation files) of processes that are gone: a crash's leftovers."""
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in work_dir.iterdir():
+            if not entry.name.startswith(DIR_PREFIX):
+                continue
+            pid = entry.name.removeprefix(DIR_PREFIX).split("-", 1)[0].split(".", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(entry)
+    return removed
+
+
+def _remove_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
 class PrewarmedValidator:
-    def __init__(self, binary: str, extra_args: Sequence[str], timeout: float) -> None:
+    def __init__(self, binary: str, extra_args: Sequence[str], timeout: float, work_dir: Path) -> None:
         self.binary = binary
         self.extra_args = list(extra_args)
         self.timeout = timeout
-        self._dir = Path(tempfile.mkdtemp(prefix="grayagent-envoy-validate-"))  # 0700: nobody else writes it
+        work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        remove_leftovers(work_dir)
+        # 0700: nobody else writes it. The pid in the name tells a later start whether it is a leftover.
+        self._dir = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-", dir=work_dir))
+        self._finalizer = weakref.finalize(self, _remove_dir, self._dir)
         self._lock = threading.Lock()
         self._count = 0
         self._ready: tuple[subprocess.Popen[bytes], Path] | None = None
@@ -116,7 +160,4 @@ class PrewarmedValidator:
     def close(self) -> None:
         with self._lock:
             self._discard()
-        with contextlib.suppress(OSError):
-            for leftover in self._dir.iterdir():
-                leftover.unlink()
-            self._dir.rmdir()
+        self._finalizer()

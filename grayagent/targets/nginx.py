@@ -9,12 +9,15 @@ from pathlib import Path
 from grayagent.errors import UsageError
 from grayagent.fsutil import atomic_write
 from grayagent.model import Release
-from grayagent.rollout.traffic import AccessLogTailer
-from grayagent.targets.base import ApplyResult, RenderedFiles, StepFailed, http_get, poll_stable, run_command
+from grayagent.targets.base import ApplyResult, RenderedFiles, StepFailed, http_get, poll_stable
+from grayagent.targets.nginx_access_log import AccessLogTailer
+from grayagent.targets.nginx_process import (
+    OLD_WORKERS_GRACE,
+    PLACEHOLDER,
+    LastGood,
+    NginxProcess,
+)
 from grayagent.targets.nginx_render import VERSION_PATH, NginxOptions, render
-
-PLACEHOLDER = b"# grayagent: no version applied yet\n"
-OLD_WORKERS_GRACE = 0.15  # > nginx's 100 ms between starting new workers and retiring the old ones
 
 
 @dataclass(frozen=True)
@@ -26,14 +29,6 @@ class NginxSettings:
     verify_timeout: float = 5.0
     reuseport: bool = False
     access_log: Path | None = None              # JSON access log for rollout figures; None = off
-
-
-def _first_error(output: str) -> str:
-    for line in output.splitlines():
-        if "[emerg]" in line or "[error]" in line or "[alert]" in line:
-            return line.removeprefix("nginx: ").strip()
-    lines = [line for line in output.splitlines() if line.strip()]
-    return lines[-1].strip() if lines else "no output"
 
 
 class NginxTarget:
@@ -50,14 +45,14 @@ class NginxTarget:
                                     access_log=access_log)
         # The agent starts and stops this; it turns the access log into per-upstream counters.
         self.traffic = AccessLogTailer(settings.access_log) if settings.access_log is not None else None
+        self.process = NginxProcess(settings.binary, settings.main_conf)
+        # Beside the conf, hidden and without .conf, so an `include conf.d/*.conf` never loads it.
+        self.last_good = LastGood(settings.conf, settings.conf.with_name(f".{settings.conf.name}.last-good"))
 
     def render(self, release: Release, version: int, digest: str) -> RenderedFiles:
         return {self.settings.conf.name: render(release, version, digest, self.options).encode("ascii")}
 
     # ------------------------------------------------------------------ process work
-
-    def _nginx(self, *args: str) -> list[str]:
-        return [self.settings.binary, *args, "-c", str(self.settings.main_conf)]
 
     def live_version(self) -> tuple[int, str] | None:
         try:
@@ -69,16 +64,6 @@ class NginxTarget:
             return None
         return int(parts[0]), parts[1]
 
-    def _check(self) -> None:
-        done = run_command(self._nginx("-t", "-q"))
-        if done.returncode != 0:
-            raise StepFailed(f"nginx -t failed: {_first_error(done.stderr + done.stdout)}")
-
-    def _reload(self) -> None:
-        done = run_command(self._nginx("-s", "reload"))
-        if done.returncode != 0:
-            raise StepFailed(f"nginx -s reload failed: {_first_error(done.stderr + done.stdout)}")
-
     def _verify(self, version: int, digest: str) -> None:
         """Live means the old config stopped answering, not just that a new worker did: nginx's master
         sleeps 100 ms before retiring the old workers, which accept connections until then. So after the
@@ -88,6 +73,9 @@ class NginxTarget:
             return
         live = self.live_version()
         shown = f"version {live[0]}" if live else "no version"
+        taken = self.last_good.taken_listen()
+        if taken is not None:
+            raise StepFailed(f"nginx still serves {shown} after reload: {taken}")
         raise StepFailed(f"nginx still serves {shown} {self.settings.verify_timeout:.0f}s after reload "
                          f"(see nginx's error_log for [emerg], e.g. a failed bind)")
 
@@ -95,13 +83,14 @@ class NginxTarget:
         result = ApplyResult(ok=False)
         conf = self.settings.conf
         candidate = files[conf.name]
-        previous = self._last_good()
+        self.last_good.remove_leftovers_once()
+        previous = self.last_good.read()
         try:
             on_disk: bytes | None = conf.read_bytes()
         except FileNotFoundError:
             on_disk = None
         if on_disk == candidate and self.live_version() == (version, digest):
-            self._remember_good(candidate)
+            self.last_good.remember(candidate)
             result.ok = True
             return result
         try:
@@ -110,44 +99,19 @@ class NginxTarget:
             with result.step("write"):
                 atomic_write(conf, candidate)
             with result.step("check"):
-                self._check()
+                self.process.check()
             with result.step("reload"):
                 result.reloaded = True
-                self._reload()
+                self.process.reload()
             with result.step("verify"):
                 self._verify(version, digest)
         except (StepFailed, OSError) as exc:
             result.error = str(exc)
             self._restore(previous, result)
             return result
-        self._remember_good(candidate)
+        self.last_good.remember(candidate)
         result.ok = True
         return result
-
-    @property
-    def _last_good_path(self) -> Path:
-        # Beside the conf, hidden and without .conf, so an `include conf.d/*.conf` never loads it.
-        return self.settings.conf.with_name(f".{self.settings.conf.name}.last-good")
-
-    def _last_good(self) -> bytes | None:
-        """The last file nginx verifiably served. Not simply what is on disk: an agent killed between
-        placing a candidate and checking it leaves an unchecked file there, which must never be restored."""
-        try:
-            return self._last_good_path.read_bytes()
-        except FileNotFoundError:
-            pass
-        try:  # first run with this agent: what is on disk is what nginx was started with
-            return self.settings.conf.read_bytes()
-        except FileNotFoundError:
-            return None
-
-    def _remember_good(self, content: bytes) -> None:
-        try:
-            if self._last_good_path.read_bytes() == content:
-                return
-        except FileNotFoundError:
-            pass
-        atomic_write(self._last_good_path, content)
 
     def _restore(self, previous: bytes | None, result: ApplyResult) -> None:
         """Put the last-good file back; reload again only if the failed attempt got as far as reloading."""
@@ -155,7 +119,7 @@ class NginxTarget:
             try:
                 atomic_write(self.settings.conf, previous if previous is not None else PLACEHOLDER)
                 if result.reloaded:
-                    self._reload()
+                    self.process.reload()
                 result.restored = True
             except (StepFailed, OSError) as exc:
                 result.error = f"{result.error}; restoring last-good also failed: {exc}"

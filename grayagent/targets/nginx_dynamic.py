@@ -21,26 +21,15 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import secrets
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from grayagent.errors import UsageError
 from grayagent.fsutil import atomic_write
 from grayagent.model import Release
-from grayagent.rollout.traffic import AccessLogTailer
-from grayagent.targets.base import (
-    ApplyResult,
-    RenderedFiles,
-    StepFailed,
-    http_get,
-    poll_stable,
-    poll_until,
-    run_command,
-)
-from grayagent.targets.nginx import OLD_WORKERS_GRACE, PLACEHOLDER, _first_error
+from grayagent.targets.base import ApplyResult, RenderedFiles, StepFailed, poll_stable, poll_until
+from grayagent.targets.nginx_access_log import AccessLogTailer
+from grayagent.targets.nginx_control import TOKEN_FILE, ControlClient, LiveState, ensure_token
 from grayagent.targets.nginx_dynamic_render import (
     DATA_FILE,
     LUA_DIR,
@@ -50,26 +39,17 @@ from grayagent.targets.nginx_dynamic_render import (
     render,
     skeleton_fingerprint,
 )
+from grayagent.targets.nginx_process import (
+    OLD_WORKERS_GRACE,
+    PLACEHOLDER,
+    LastGood,
+    NginxProcess,
+)
 
 LUA_MODE = 0o644  # nginx workers (not root) read the modules; they hold code, no secrets
 _PLAIN_PATH = re.compile(r"/[A-Za-z0-9._/-]{1,1000}")  # nginx expands $ in lua_package_path
 
-
 LAST_GOOD_SKELETON = ".grayagent-skeleton.last-good"  # hidden, no .conf: never included by conf.d/*.conf
-TOKEN_FILE = ".grayagent-control-token"  # noqa: S105 - the file's name; the token is generated
-
-
-def _control_token(path: Path) -> str:
-    """This host's push secret: made once, readable by root only, kept across agent restarts."""
-    try:
-        token = path.read_text("ascii").strip()
-        if re.fullmatch(r"[0-9a-f]{64}", token):
-            return token
-    except FileNotFoundError:
-        pass
-    token = secrets.token_hex(32)
-    atomic_write(path, token.encode() + b"\n", mode=0o600)
-    return token
 
 
 @dataclass(frozen=True)
@@ -82,12 +62,6 @@ class NginxDynamicSettings:
     reuseport: bool = False
     dict_size: str = "32m"
     access_log: Path | None = None              # JSON access log for rollout figures; None = off
-
-
-@dataclass(frozen=True)
-class LiveState:
-    skeleton: str
-    data: tuple[int, str] | None
 
 
 def _check_loopback(listen: str) -> None:
@@ -112,34 +86,25 @@ class NginxDynamicTarget:
         if access_log and not _PLAIN_PATH.fullmatch(access_log):
             raise UsageError(f"--nginx-access-log: {access_log}: use an absolute path of [A-Za-z0-9._/-]")
         self.settings = settings
-        self.token = _control_token(settings.conf.parent / TOKEN_FILE)
+        self.dir = settings.conf.parent
+        self.token_path = self.dir / TOKEN_FILE  # made at the first apply: a constructor writes nothing
         self.options = DynamicOptions(lua_dir=lua_dir, control_listen=settings.control_listen,
                                       conf_name=settings.conf.name, reuseport=settings.reuseport,
                                       dict_size=settings.dict_size, access_log=access_log,
-                                      control_token=self.token)
+                                      token_file=str(self.token_path))
         # The agent starts and stops this; it turns the access log into per-upstream counters.
         self.traffic = AccessLogTailer(settings.access_log) if settings.access_log is not None else None
-        self.dir = settings.conf.parent
+        self.process = NginxProcess(settings.binary, settings.main_conf)
+        self.control = ControlClient(settings.control_listen, VERSION_PATH, PUSH_PATH, self.token_path)
+        self.last_good = LastGood(settings.conf, self.dir / LAST_GOOD_SKELETON, (DATA_FILE, TOKEN_FILE))
 
     def render(self, release: Release, version: int, digest: str) -> RenderedFiles:
         return render(release, version, digest, self.options)
 
     # ------------------------------------------------------------------ the control server
 
-    def _url(self, path: str) -> str:
-        return f"http://{self.settings.control_listen}{path}"
-
     def live_state(self) -> LiveState | None:
-        try:
-            status, body = http_get(self._url(VERSION_PATH))
-        except OSError:
-            return None
-        fields = dict(line.split(" ", 1) for line in body.splitlines() if " " in line)
-        if status != 200 or "skeleton" not in fields:
-            return None
-        parts = fields.get("data", "").split()
-        data = (int(parts[0]), parts[1]) if len(parts) == 2 and parts[0].isdigit() else None
-        return LiveState(fields["skeleton"], data)
+        return self.control.live_state()
 
     def live_version(self) -> tuple[int, str] | None:
         """The data version nginx routes with; None after a restart (shared dict empty) or without nginx."""
@@ -147,34 +112,9 @@ class NginxDynamicTarget:
         return state.data if state is not None else None
 
     def _push(self, data: bytes) -> None:
-        request = urllib.request.Request(self._url(PUSH_PATH), data=data, method="POST",  # noqa: S310 - loopback
-                                         headers={"Connection": "close", "Content-Type": "text/plain",
-                                                  "X-Grayagent-Token": self.token})
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
-                response.read()
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode("utf-8", "replace").strip()
-            raise StepFailed(f"nginx refused the routing data ({exc.code}): {detail[:300]}") from None
+        self.control.push(data)
 
     # ------------------------------------------------------------------ process work
-
-    def _nginx(self, *args: str) -> list[str]:
-        return [self.settings.binary, *args, "-c", str(self.settings.main_conf)]
-
-    def _check(self) -> None:
-        done = run_command(self._nginx("-t", "-q"))
-        if done.returncode != 0:
-            error = _first_error(done.stderr + done.stdout)
-            if 'unknown directive "lua_' in error:
-                error += " (dynamic mode needs lua-nginx-module: load_module ngx_http_lua_module.so; " \
-                         "Debian: libnginx-mod-http-lua)"
-            raise StepFailed(f"nginx -t failed: {error}")
-
-    def _reload(self) -> None:
-        done = run_command(self._nginx("-s", "reload"))
-        if done.returncode != 0:
-            raise StepFailed(f"nginx -s reload failed: {_first_error(done.stderr + done.stdout)}")
 
     def _verify(self, skeleton: str, version: int, digest: str, reloaded: bool = False) -> None:
         def live() -> bool:
@@ -188,6 +128,10 @@ class NginxDynamicTarget:
         state = self.live_state()
         shown = (f"skeleton {state.skeleton[:12]}, data {state.data[0] if state.data else 'none'}"
                  if state else "no answer")
+        if reloaded:
+            taken = self.last_good.taken_listen()
+            if taken is not None:
+                raise StepFailed(f"nginx serves {shown} after the reload: {taken}")
         raise StepFailed(f"nginx serves {shown}, not skeleton {skeleton[:12]} with version {version}, "
                          f"{self.settings.verify_timeout:.0f}s after apply (see nginx's error_log)")
 
@@ -195,6 +139,9 @@ class NginxDynamicTarget:
         """After a reload: until the new workers answer (the old ones answer for a moment after SIGHUP)."""
         if not poll_until(lambda: (state := self.live_state()) is not None and state.skeleton == fp,
                           self.settings.verify_timeout):
+            taken = self.last_good.taken_listen()
+            if taken is not None:
+                raise StepFailed(f"nginx does not run skeleton {fp[:12]} after the reload: {taken}")
             raise StepFailed(f"nginx does not run skeleton {fp[:12]} {self.settings.verify_timeout:.0f}s after "
                              "the reload (see nginx's error_log for [emerg], e.g. a failed bind)")
 
@@ -211,11 +158,18 @@ class NginxDynamicTarget:
         fp = skeleton_fingerprint(skeleton)
         if fp is None:
             raise ValueError("not a dynamic-mode skeleton")  # a programming error, not an apply failure
-        # The skeleton nginx last verifiably served, never simply what is on disk: an agent killed between
-        # writing a skeleton and checking it leaves an unchecked file there (see NginxTarget._last_good).
-        previous = self._read(LAST_GOOD_SKELETON) or self._read(conf_name)
+        self.last_good.remove_leftovers_once()
+        # The skeleton nginx last verifiably served, never simply what is on disk (see nginx_process.LastGood).
+        previous = self.last_good.read()
         last_good = self._read(DATA_FILE)
+        try:
+            _, new_token = ensure_token(self.token_path)  # nginx's master reads it at its next (re)load
+        except OSError as exc:
+            result.error = f"cannot write the push token {self.token_path}: {exc}"
+            return result
         live = self.live_state()
+        if new_token and live is not None:
+            live = LiveState("", live.data, live.held)  # nginx holds no (or an old) token: reload to load it
         if previous == skeleton and live is not None and live.skeleton == fp and live.data == (version, digest):
             result.ok = True
             return result
@@ -230,7 +184,7 @@ class NginxDynamicTarget:
                     atomic_write(self.settings.conf, skeleton)
                     written = True
                 with result.step("check"):
-                    self._check()
+                    self.process.check()
             if live is not None and live.skeleton == fp:
                 with result.step("push"):
                     self._push(data)
@@ -247,15 +201,14 @@ class NginxDynamicTarget:
                             pushed = False
                 with result.step("reload"):
                     result.reloaded = True
-                    self._reload()
+                    self.process.reload()
                     if not pushed:
                         self._wait_skeleton(fp)
                         self._push(data)
             with result.step("verify"):
                 self._verify(fp, version, digest, reloaded=result.reloaded)
             atomic_write(self.dir / DATA_FILE, data)
-            if self._read(LAST_GOOD_SKELETON) != skeleton:
-                atomic_write(self.dir / LAST_GOOD_SKELETON, skeleton)
+            self.last_good.remember(skeleton)
         except (StepFailed, OSError) as exc:
             result.error = str(exc)
             self._restore(previous if written else False, last_good, result)
@@ -271,7 +224,7 @@ class NginxDynamicTarget:
                 if previous is not False:
                     atomic_write(self.settings.conf, previous if isinstance(previous, bytes) else PLACEHOLDER)
                 if result.reloaded:
-                    self._reload()
+                    self.process.reload()
                 running = skeleton_fingerprint(previous) if isinstance(previous, bytes) else None
                 if result.reloaded and running is not None:
                     self._wait_skeleton(running)

@@ -23,21 +23,13 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from functools import cache
-from importlib import resources
 from typing import Any
 
 from grayagent.model import CidrCondition, Field, Release, Service, ValueCondition
-from grayagent.targets.envoy_render import _Inputs, _service_lua, lua_literal, lua_string
 from grayagent.targets.layout import upstream_id
-from grayagent.targets.nginx_render import (
-    ACCESS_LOG_FORMAT,
-    PROXY_SETTINGS,
-    _catch_all_servers,
-    quote,
-    server_names_hash,
-    upstream_blocks,
-)
+from grayagent.targets.lua_data import RuleInputs, lua_literal, lua_source, lua_string, service_table
+from grayagent.targets.nginx_render import ACCESS_LOG_FORMAT, quote, upstream_blocks
+from grayagent.targets.nginx_server import catch_all_servers, loopback_server, server_names_hash, service_server
 
 VERSION_PATH = "/grayagent/version"
 PUSH_PATH = "/grayagent/data"
@@ -60,14 +52,11 @@ class DynamicOptions:
     dict_size: str = "32m"
     max_push_size: str = "64m"
     access_log: str = ""  # per-request JSON lines for rollout figures, as in reload mode; "" = off
-    # A secret every push must carry (X-Grayagent-Token): loopback alone would let any local process, or an
-    # SSRF in an upstream app on this host, reroute traffic and fake the version the agent verifies.
-    control_token: str = ""
-
-
-@cache
-def lua_source(name: str) -> bytes:
-    return resources.files("grayagent").joinpath(f"lua/{name}").read_bytes()
+    # The file (0600, root's) holding the secret that signs every push: loopback alone would let any local
+    # process, or an SSRF in an upstream app on this host, reroute traffic and fake the version the agent
+    # verifies. nginx's master reads it at init (init_by_lua), so no rendered file holds the secret itself.
+    # "" = pushes are not signed (only for tests of the rendering).
+    token_file: str = ""
 
 
 def topology(release: Release, options: DynamicOptions) -> dict[str, Any]:
@@ -77,7 +66,7 @@ def topology(release: Release, options: DynamicOptions) -> dict[str, Any]:
                       [[up.name, list(up.servers)] for up in svc.upstreams]] for svc in release.services],
         "options": [options.lua_dir, options.control_listen, options.keepalive, options.reuseport,
                     options.dict_size, options.max_push_size, options.access_log,
-                    hashlib.sha256(options.control_token.encode()).hexdigest() if options.control_token else ""],
+                    options.token_file],
         # New Lua code must reach every worker at once: a worker loads a module on its first request.
         "lua": [hashlib.sha256(lua_source(name)).hexdigest() for name in LUA_FILES],
     }
@@ -100,19 +89,19 @@ def skeleton_fingerprint(skeleton: bytes) -> str | None:
 # ---------------------------------------------------------------------------------------------- data
 
 
-def _inputs(svc: Service) -> _Inputs:
+def _inputs(svc: Service) -> RuleInputs:
     """The fields the service reads (rules first, then the split key), and its CIDR lists."""
-    base = _Inputs.of(svc)
+    base = RuleInputs.of(svc)
     fields: dict[Field, None] = dict.fromkeys(base.fields)
     if svc.split is not None and svc.split.key is not None:
         fields.setdefault(svc.split.key)
-    return _Inputs(tuple(fields), base.cidrs)
+    return RuleInputs(tuple(fields), base.cidrs)
 
 
 def service_data(svc: Service) -> dict[str, Any]:
     """One service's routing data, in the shape grayroute_core.decide reads (indexes are 1-based)."""
     inputs = _inputs(svc)
-    config = _service_lua(svc, inputs)  # default, inputs, cidrs, split: exactly what the Envoy filter gets
+    config = service_table(svc, inputs)  # default, inputs, cidrs, split: exactly what the Envoy filter gets
     if svc.split is not None and svc.split.key is not None:
         config["split"]["key_input"] = inputs.fields.index(svc.split.key) + 1
     rules = []
@@ -151,19 +140,10 @@ def _call(function: str, *args: str) -> str:
 
 
 def _server(svc: Service, fp: str, options: DynamicOptions, first_on_listen: bool) -> str:
-    listen = str(svc.listen) + (" reuseport" if options.reuseport and first_on_listen else "")
-    names = " ".join(svc.hosts) if svc.hosts else '""'
-    return ("server {\n"
-            f"    listen {listen};\n"
-            f"    server_name {names};\n"
-            + (f"    access_log {options.access_log} grayagent_json;\n" if options.access_log else "")
-            + "    location / {\n"
-            f"        set $ga_upstream {upstream_id(svc, svc.default)};\n"
-            f"        access_by_lua_block {{ {_call('access', svc.name, fp)} }}\n"
-            "        proxy_pass http://$ga_upstream;\n"
-            + PROXY_SETTINGS +
-            "    }\n"
-            "}\n")
+    return service_server(svc, options.reuseport and first_on_listen, options.access_log,
+                          f"        set $ga_upstream {upstream_id(svc, svc.default)};\n"
+                          f"        access_by_lua_block {{ {_call('access', svc.name, fp)} }}\n"
+                          "        proxy_pass http://$ga_upstream;\n")
 
 
 def render_skeleton(release: Release, options: DynamicOptions) -> str:
@@ -171,7 +151,8 @@ def render_skeleton(release: Release, options: DynamicOptions) -> str:
     head = ("# Generated by grayagent (nginx dynamic mode). Do not edit: the agent replaces this file.\n"
             f"# skeleton {fp}: topology only; rules, weights and switches are pushed into the shared dict.\n\n"
             f"lua_package_path {quote(options.lua_dir + '/?.lua;;')};\n"
-            f"lua_shared_dict {DICT_NAME} {options.dict_size};\n")
+            f"lua_shared_dict {DICT_NAME} {options.dict_size};\n"
+            + (f"init_by_lua_block {{ {_call('init', options.token_file)} }}\n" if options.token_file else ""))
     body: list[str] = [ACCESS_LOG_FORMAT] if options.access_log else []
     if hash_sizes := server_names_hash(release):  # the same server-name hash sizing as reload mode
         body.insert(0, hash_sizes)
@@ -181,24 +162,17 @@ def render_skeleton(release: Release, options: DynamicOptions) -> str:
         body.extend(upstream_blocks(svc, options.keepalive))
         body.append(_server(svc, fp, options, str(svc.listen) not in seen))
         seen.add(str(svc.listen))
-    body.extend(_catch_all_servers(release))
-    push_call = _call("push", fp, *([options.control_token] if options.control_token else []))
-    body.append(
-        "# The agent's control server: loopback only. GET version; POST routing data.\n"
-        "server {\n"
-        f"    listen {options.control_listen};\n"
-        "    access_log off;\n"
-        "    allow 127.0.0.0/8;\n    allow ::1;\n    deny all;\n"
+    body.extend(catch_all_servers(release))
+    body.append(loopback_server(
+        "The agent's control server: loopback only. GET version; POST routing data.", options.control_listen,
         f"    location = {VERSION_PATH} {{\n"
         f"        content_by_lua_block {{ {_call('version', fp)} }}\n"
         "    }\n"
         f"    location = {PUSH_PATH} {{\n"
         f"        client_max_body_size {options.max_push_size};\n"
         f"        client_body_buffer_size {options.max_push_size};\n"
-        f"        content_by_lua_block {{ {push_call} }}\n"
-        "    }\n"
-        "    location / {\n        return 404;\n    }\n"
-        "}\n")
+        f"        content_by_lua_block {{ {_call('push', fp)} }}\n"
+        "    }\n"))
     return head + "\n" + "\n".join(body)
 
 

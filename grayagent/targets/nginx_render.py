@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from grayagent.model import CidrCondition, Field, Release, Service, StringMatch, ValueCondition, iter_value_fields
 from grayagent.regexsubset import regex_literal
 from grayagent.routing import COOKIE_PATTERN, QUERY_PATTERN, split_parts
-from grayagent.targets.layout import default_service, services_by_listen, upstream_id
+from grayagent.targets.layout import upstream_id
+from grayagent.targets.nginx_server import catch_all_servers, loopback_server, server_names_hash, service_server
 
 VERSION_PATH = "/grayagent/version"
 
@@ -62,7 +63,7 @@ upstream_block_name = upstream_id
 
 def _field_var(fld: Field) -> str:
     if fld.kind == "header":
-        return "$http_" + fld.name.replace("-", "_")
+        return "$ga_h_" + fld.name.replace("-", "_")  # $http_<name> without its spaces and tabs (_extraction_maps)
     if fld.kind == "path":
         return "$ga_path"
     prefix = "ga_ck_" if fld.kind == "cookie" else "ga_arg_"
@@ -74,6 +75,11 @@ def _extraction_maps(release: Release) -> list[str]:
     fields = list(iter_value_fields(release))
     if any(f.kind == "path" for f in fields):
         out.append('map $request_uri $ga_path {\n    "~^([^?]*)" $1;\n    default "";\n}\n')
+    # nginx 1.22 keeps a header value's leading tabs (it skips only spaces): strip spaces and tabs at both
+    # ends, as docs/routing-semantics.md §1 says, so "\ttrue" matches exact "true" and "\t" is absent.
+    for var, name in dict.fromkeys((_field_var(f), f.name) for f in fields if f.kind == "header"):
+        out.append(f"# header {name}\nmap $http_{name.replace('-', '_')} {var} {{\n"
+                   '    "~^[ \\x09]*(.*?)[ \\x09]*$" $1;\n    default "";\n}\n')
     for fld in fields:
         if fld.kind not in ("cookie", "query"):
             continue
@@ -104,13 +110,6 @@ def upstream_blocks(svc: Service, keepalive: int) -> list[str]:
         servers = "".join(f"    server {s};\n" for s in up.servers)
         out.append(f"upstream {upstream_block_name(svc, up.name)} {{\n{servers}    keepalive {keepalive};\n}}\n")
     return out
-
-
-# Inside `location /`, after proxy_pass: keep-alive to the upstream, the client's Host, the peer in XFF.
-PROXY_SETTINGS = ("        proxy_http_version 1.1;\n"
-                  '        proxy_set_header Connection "";\n'
-                  "        proxy_set_header Host $host;\n"
-                  "        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n")
 
 
 def _service_blocks(index: int, svc: Service, options: NginxOptions, first_on_listen: bool = False) -> list[str]:
@@ -174,65 +173,8 @@ def _service_blocks(index: int, svc: Service, options: NginxOptions, first_on_li
         out.append(f'map "{source}" ${var}_rule {{\n{"".join(rule_entries)}    default -;\n}}\n')
         target = f"${var}_up"
 
-    listen = str(svc.listen) + (" reuseport" if options.reuseport and first_on_listen else "")
-    names = " ".join(svc.hosts) if svc.hosts else '""'
-    out.append(
-        "server {\n"
-        f"    listen {listen};\n"
-        f"    server_name {names};\n"
-        + (f"    access_log {options.access_log} grayagent_json;\n" if options.access_log else "")
-        + "    location / {\n"
-        f"        proxy_pass http://{target};\n"
-        + PROXY_SETTINGS +
-        "    }\n"
-        "}\n")
-    return out
-
-
-# nginx keeps each listen address's server names in a hash whose buckets are server_names_hash_bucket_size
-# bytes (64 by default on x86-64); one name takes 8 + (len + 2 rounded up to 8) bytes, and a bucket also needs
-# an 8-byte end mark. A host longer than about 46 characters, or many hosts on one address, make `nginx -t`
-# fail at the defaults ("could not build server_names_hash"), so the document sizes them.
-_HASH_BUCKET_DEFAULT = 64
-_HASH_BUCKET_LIMIT = 65536 - 128   # nginx refuses a bucket over 65536 minus its cache line
-_HASH_MAX_DEFAULT = 512
-
-
-def _name_bytes(host: str) -> int:
-    return 8 + (len(host) + 2 + 7) // 8 * 8
-
-
-def server_names_hash(release: Release) -> str:
-    """Directives sizing nginx's server-name hash for this document; "" when nginx's defaults hold it.
-
-    The bucket is made large enough for every name on the busiest address, so any table size fits them;
-    nginx allocates only what the names use, so a large bucket costs lookups nothing measurable.
-    Wildcard names are stored by label in smaller hashes, so counting them whole over-estimates safely.
-    """
-    per_listen: dict[str, list[str]] = {}
-    for svc in release.services:
-        per_listen.setdefault(str(svc.listen), []).extend(svc.hosts)
-    if not per_listen:
-        return ""
-    largest = max(_name_bytes(h) for hosts in per_listen.values() for h in hosts or ("",))
-    count = max(len(hosts) for hosts in per_listen.values())
-    if largest + 8 <= _HASH_BUCKET_DEFAULT and count <= 64:
-        return ""
-    total = max(sum(_name_bytes(h) for h in hosts) for hosts in per_listen.values())
-    bucket = min(_HASH_BUCKET_LIMIT, (total + 8 + 63) // 64 * 64)
-    max_size = _HASH_MAX_DEFAULT
-    while bucket == _HASH_BUCKET_LIMIT and max_size < 4 * count:
-        max_size *= 2
-    return (f"# Sized for this document's hosts (nginx's defaults cannot hold them).\n"
-            f"server_names_hash_bucket_size {bucket};\nserver_names_hash_max_size {max_size};\n")
-
-
-def _catch_all_servers(release: Release) -> list[str]:
-    """Ports where every service names hosts get a 404 default server, so unknown hosts never reach a service."""
-    out = []
-    for listen, services in services_by_listen(release).items():
-        if default_service(services) is None:
-            out.append(f"server {{\n    listen {listen} default_server;\n    server_name _;\n    return 404;\n}}\n")
+    out.append(service_server(svc, options.reuseport and first_on_listen, options.access_log,
+                              f"        proxy_pass http://{target};\n"))
     return out
 
 
@@ -250,17 +192,11 @@ def render(release: Release, version: int, digest: str, options: NginxOptions = 
         first = str(svc.listen) not in seen_listens  # nginx takes reuseport once per address
         seen_listens.add(str(svc.listen))
         body.extend(_service_blocks(index, svc, options, first))
-    body.extend(_catch_all_servers(release))
-    body.append(
-        "# The agent reads this to verify which version the running workers serve.\n"
-        "server {\n"
-        f"    listen {options.verify_listen};\n"
-        "    access_log off;\n"
-        "    allow 127.0.0.0/8;\n    allow ::1;\n    deny all;\n"
+    body.extend(catch_all_servers(release))
+    body.append(loopback_server(
+        "The agent reads this to verify which version the running workers serve.", options.verify_listen,
         f"    location = {VERSION_PATH} {{\n"
         "        default_type text/plain;\n"
         f'        return 200 "{version} {digest}\\n";\n'
-        "    }\n"
-        "    location / {\n        return 404;\n    }\n"
-        "}\n")
+        "    }\n"))
     return head + "\n".join(body)
