@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from grayagent.model import parse_document
+from grayagent.rules.model import parse_document
 from grayagent.stores.base import digest_of
 from grayagent.targets.nginx_render import render
 from tests.docs import document, dump, service

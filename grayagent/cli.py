@@ -1,6 +1,6 @@
 """Command line: each verb parses its flags, calls one function, and prints the result.
 
-The function is in grayagent.usecases for the store and state-dir verbs, grayagent.agentrun for the agent
+The function is in grayagent.usecases for the store and state-dir verbs, grayagent.runtime.agentrun for the agent
 service, and grayagent.rollout for rollouts. Text for humans is formatted here; decisions are made there.
 
 Exit codes: 0 ok; 1 invalid input or a failed operation; 2 usage; 3 compare-and-set conflict.
@@ -9,11 +9,8 @@ Errors are one line each on stderr.
 
 from __future__ import annotations
 
-import getpass
 import json
-import socket
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,49 +18,15 @@ import click
 from click.core import ParameterSource
 
 from grayagent import usecases
+from grayagent.cli_options import OUTPUT, default_author, emit, open_url, pairs, service_logging, store_option
+from grayagent.cli_rollout import rollout_group
 from grayagent.errors import GrayagentError, InvalidDocument, UsageError
-from grayagent.routing import Request
-from grayagent.state import StateDir
-from grayagent.stores import Store, open_store, resolve_store_url
+from grayagent.rules.routing import Request
+from grayagent.runtime.state import StateDir
+from grayagent.stores import open_store, resolve_store_url
 
 if TYPE_CHECKING:
-    from grayagent.rollout.record import RolloutRecord
-
-OUTPUT = click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text", show_default=True,
-                      help="Output format.")
-
-
-def _store_option(required: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    return click.option("--store", "store_url", envvar="GRAYAGENT_STORE", required=False,
-                        help="Store URL: file:///dir or a directory path, etcd://..., nacos://... "
-                             "[env: GRAYAGENT_STORE]" + ("" if required else " (or use --file)"))
-
-
-def _open(url: str | None) -> Store:
-    return open_store(resolve_store_url(url))
-
-
-def _emit(output: str, data: Any, text: str) -> None:
-    click.echo(json.dumps(data, ensure_ascii=False) if output == "json" else text)
-
-
-def _default_author() -> str:
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
-
-
-def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in values:
-        if "=" not in item:
-            raise click.BadParameter(f"{item!r} is not K=V", param_hint=flag)
-        key, value = item.split("=", 1)
-        out.setdefault(key, value)
-    return out
-
+    pass
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--log-level", default=None, type=click.Choice(["debug", "info", "warning", "error"]),
@@ -79,13 +42,6 @@ def cli(ctx: click.Context, log_level: str | None) -> None:
 
     ctx.meta["grayagent.log_level"] = log_level
     configure(log_level or "warning", json_output=False)  # commands: human lines; services switch below
-
-
-def _service_logging() -> None:
-    """A long-running service logs JSON lines when stderr is not a terminal (journald), at info by default."""
-    from grayagent.logsetup import configure
-
-    configure(click.get_current_context().meta.get("grayagent.log_level") or "info")
 
 
 @cli.command()
@@ -105,9 +61,9 @@ def validate(files: tuple[str, ...], output: str) -> None:
 
 @cli.command()
 @click.argument("file")
-@_store_option()
+@store_option()
 @click.option("-m", "--message", default="", help="Why this version exists.")
-@click.option("--author", default=_default_author, help="Who publishes (default: user@host).")
+@click.option("--author", default=default_author, help="Who publishes (default: user@host).")
 @click.option("--expect-version", type=click.IntRange(min=0), default=None,
               help="Publish only if the current version is N (compare-and-set); default: the version read now.")
 @click.option("--create", is_flag=True,
@@ -127,20 +83,20 @@ def publish(file: str, store_url: str | None, message: str, author: str, expect_
     binaries = {"nginx": nginx_bin, "envoy": envoy_bin}
     meta = usecases.publish(store, file, author, message, expect_version,
                             [(proxy, binaries[proxy]) for proxy in dict.fromkeys(checks)])
-    _emit(output, meta.as_dict(), str(meta.version))
+    emit(output, meta.as_dict(), str(meta.version))
 
 
 @cli.command()
-@_store_option()
+@store_option()
 @click.option("--verify", is_flag=True, help="Check the whole history's hash chain instead of listing it; "
                                              "exit 1 naming the first broken version.")
 @OUTPUT
 def history(store_url: str | None, verify: bool, output: str) -> None:
     """List every version: number, time, author, message, digest, parent."""
-    store = _open(store_url)
+    store = open_url(store_url)
     if verify:
         breaks = usecases.history_breaks(store)
-        _emit(output, {"intact": not breaks, "breaks": [{"version": b.version, "reason": b.reason} for b in breaks]},
+        emit(output, {"intact": not breaks, "breaks": [{"version": b.version, "reason": b.reason} for b in breaks]},
               "\n".join(str(b) for b in breaks) if breaks else f"{store.url}: history intact")
         if breaks:
             sys.exit(1)
@@ -157,11 +113,11 @@ def history(store_url: str | None, verify: bool, output: str) -> None:
 
 @cli.command()
 @click.argument("version", type=click.IntRange(min=1), required=False)
-@_store_option()
+@store_option()
 @OUTPUT
 def show(version: int | None, store_url: str | None, output: str) -> None:
     """Print the document of VERSION (default: the current one)."""
-    record = usecases.show(_open(store_url), version)
+    record = usecases.show(open_url(store_url), version)
     if output == "json":
         click.echo(json.dumps({**record.meta.as_dict(), "content": record.content.decode("utf-8")},
                               ensure_ascii=False))
@@ -172,28 +128,28 @@ def show(version: int | None, store_url: str | None, output: str) -> None:
 @cli.command()
 @click.argument("a", type=click.IntRange(min=1))
 @click.argument("b", type=click.IntRange(min=1))
-@_store_option()
+@store_option()
 @OUTPUT
 def diff(a: int, b: int, store_url: str | None, output: str) -> None:
     """Unified diff of two versions."""
-    text = usecases.diff(_open(store_url), a, b)
-    _emit(output, {"a": a, "b": b, "diff": text}, text.rstrip("\n"))
+    text = usecases.diff(open_url(store_url), a, b)
+    emit(output, {"a": a, "b": b, "diff": text}, text.rstrip("\n"))
 
 
 @cli.command()
 @click.argument("version", type=click.IntRange(min=1))
-@_store_option()
+@store_option()
 @click.option("-m", "--message", default=None, help="Why (default: 'revert to version N').")
-@click.option("--author", default=_default_author, help="Who reverts (default: user@host).")
+@click.option("--author", default=default_author, help="Who reverts (default: user@host).")
 @OUTPUT
 def revert(version: int, store_url: str | None, message: str | None, author: str, output: str) -> None:
     """Publish a NEW version whose content equals VERSION; prints its number."""
-    meta = usecases.revert(_open(store_url), version, author, message)
-    _emit(output, meta.as_dict(), str(meta.version))
+    meta = usecases.revert(open_url(store_url), version, author, message)
+    emit(output, meta.as_dict(), str(meta.version))
 
 
 @cli.command()
-@_store_option(required=False)
+@store_option(required=False)
 @click.option("--version", "version", type=click.IntRange(min=1), default=None, help="With --store: which version.")
 @click.option("--file", "file", default=None, help="Route against a local (draft) document instead of the store.")
 @click.option("--service", default=None, help="The service the request reaches.")
@@ -211,7 +167,7 @@ def route(store_url: str | None, version: int | None, file: str | None, service:
     """Show which upstream a request goes to, and the rule that decided."""
     if file is not None and store_url is not None and "--store" in sys.argv:
         raise click.UsageError("give either --store or --file, not both")
-    release = usecases.load_release(None if file else _open(store_url), version, file)
+    release = usecases.load_release(None if file else open_url(store_url), version, file)
     if requests_file is not None:
         stream = sys.stdin if requests_file == "-" else open(requests_file, encoding="utf-8")  # noqa: SIM115
         failed = False
@@ -224,10 +180,10 @@ def route(store_url: str | None, version: int | None, file: str | None, service:
         return
     if service is None:
         raise click.UsageError("--service is required (or --requests for a batch)")
-    request = Request.build(headers=_pairs(header, "--header"), cookies=_pairs(cookie, "--cookie"),
-                            query=_pairs(query, "--query"), path=path, source_ip=source_ip)
+    request = Request.build(headers=pairs(header, "--header"), cookies=pairs(cookie, "--cookie"),
+                            query=pairs(query, "--query"), path=path, source_ip=source_ip)
     decision = usecases.route_one(release, service, request)
-    _emit(output, decision.as_dict(), f"upstream={decision.upstream} rule={decision.rule or '-'} by={decision.by}")
+    emit(output, decision.as_dict(), f"upstream={decision.upstream} rule={decision.rule or '-'} by={decision.by}")
 
 
 def _agent_flags() -> dict[str, Any]:
@@ -273,12 +229,12 @@ def _agent_flags() -> dict[str, Any]:
                                            "otherwise, including while nothing is published.")
 def agent(config: str | None, once: bool, **_: Any) -> None:
     """Watch the store and keep the proxy on its current version."""
-    from grayagent import agentrun
+    from grayagent.runtime import agentrun
 
     flags = _agent_flags()
     options = agentrun.resolve_options(flags, config)
     if not once:
-        _service_logging()
+        service_logging()
     if once:
         serving, line = agentrun.run_once(options)
         click.echo(line)
@@ -298,31 +254,31 @@ def agent(config: str | None, once: bool, **_: Any) -> None:
 def local_revert(version: int | None, config: str | None, state_dir: str | None, list_versions: bool, unpin: bool,
                  message: str, output: str) -> None:
     """Break-glass: apply VERSION from this host's cache and pin it, without the store."""
-    from grayagent import agentrun
+    from grayagent.runtime import agentrun
 
     flags = {"state_dir": state_dir} if state_dir else {}
     options = agentrun.resolve_options(flags, config, need_target=version is not None)
     state = Path(str(options.state_dir))
     if list_versions:
         versions = usecases.local_versions(state, options.store)
-        _emit(output, versions, "\n".join(f"{v['version']:>7}  {v['created']:27}  {v['digest'][:19]}  "
+        emit(output, versions, "\n".join(f"{v['version']:>7}  {v['created']:27}  {v['digest'][:19]}  "
                                            f"{'PINNED  ' if v['pinned'] else ''}{v['message']}" for v in versions)
               or f"no versions cached in {state}")
         return
     if unpin:
         released = usecases.unpin(state)
-        _emit(output, {"unpinned": released}, "unpinned: the agent follows the store again" if released
+        emit(output, {"unpinned": released}, "unpinned: the agent follows the store again" if released
               else "nothing was pinned")
         return
     if version is None:
         raise click.UsageError("give a VERSION, or --list, or --unpin")
     pin = usecases.local_revert(state, agentrun.build_target(options), version, message, options.store)
-    _emit(output, pin, f"version {version} applied and pinned on this host; publish `grayagent revert {version}` "
+    emit(output, pin, f"version {version} applied and pinned on this host; publish `grayagent revert {version}` "
                        "when the store is back, then `grayagent local-revert --unpin`")
 
 
 @cli.command()
-@_store_option()
+@store_option()
 @click.option("--wait", "wait_seconds", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
               help="Block until every agent serves the current version, or the time runs out (exit 1).")
 @click.option("--min-agents", type=click.IntRange(min=1), default=1, show_default=True,
@@ -330,10 +286,10 @@ def local_revert(version: int | None, config: str | None, state_dir: str | None,
 @OUTPUT
 def status(store_url: str | None, wait_seconds: float | None, min_agents: int, output: str) -> None:
     """Every agent's applied version and health, and whether the fleet has converged (exit 0) or not (1)."""
-    store = _open(store_url)
+    store = open_url(store_url)
     report = (usecases.wait_for_convergence(store, wait_seconds, min_agents) if wait_seconds is not None
               else usecases.fleet_status(store, min_agents))
-    _emit(output, report, _fleet_text(report))
+    emit(output, report, _fleet_text(report))
     if not report["converged"]:
         sys.exit(1)
 
@@ -353,183 +309,6 @@ def _fleet_text(report: dict[str, Any]) -> str:
         lines.append(f"  {host:30} {state:9} version {applied if applied is not None else '-':>6}"
                      f"{'  ' + reason if reason else ''}")
     return "\n".join(lines)
-
-
-@cli.group(name="rollout")
-def rollout_group() -> None:
-    """Progressive rollouts: ramp a canary step by step, judged by its traffic (`grayagent docs rollout`)."""
-
-
-@rollout_group.command(name="run")
-@_store_option()
-@click.option("--interval", type=click.FloatRange(min=0.05), default=2.0, show_default=True,
-              help="Seconds between controller ticks.")
-@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Keep a hash-chained audit log of the controller's publishes here.")
-@click.option("--metrics-host", "metrics_hosts", multiple=True, envvar="GRAYAGENT_METRICS_HOSTS", metavar="HOST[:PORT]",
-              help="Query only these Prometheus hosts (repeat; default: any host that is not link-local) "
-                   "[env: GRAYAGENT_METRICS_HOSTS, space-separated].")
-def rollout_run(store_url: str | None, interval: float, state_dir: Path | None, metrics_hosts: tuple[str, ...]) -> None:
-    """The controller: long-running; several may run, one leads (lock or lease)."""
-    from grayagent.rollout import service
-    from grayagent.rollout.sources import parse_metrics_hosts
-
-    allowed = parse_metrics_hosts(metrics_hosts) if metrics_hosts else None
-    _service_logging()
-    service.serve(_open(store_url), interval, state_dir, allowed)
-
-
-@rollout_group.command(name="start")
-@click.argument("service")
-@_store_option()
-@OUTPUT
-def rollout_start(service: str, store_url: str | None, output: str) -> None:
-    """Begin the rollout that SERVICE's rollout section in the current version defines."""
-    from grayagent.rollout import usecases as rollout
-
-    rec = rollout.start(_open(store_url), service)
-    _emit(output, rec.to_json(), f"rollout {service}: started from version {rec.base_version} "
-                                 f"({len(rec.steps)} steps); the controller publishes them")
-
-
-# `rollout status --watch` exit codes once every rollout shown has ended (docs/rollout.md).
-ROLLOUT_EXIT = {"succeeded": 0, "rolled-back": 4, "aborted": 5}
-
-
-def human_duration(seconds: float) -> str:
-    """4m12s, 2h, 1h30m, 45s: whole seconds, the largest units first, zero units left out."""
-    total = max(0, round(seconds))
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    parts = [f"{hours}h" if hours else "", f"{minutes}m" if minutes else "", f"{secs}s" if secs else ""]
-    return "".join(parts) or "0s"
-
-
-def _step_text(text: str) -> str:
-    """A step as recorded ("pause 300s") with a human duration ("pause 5m")."""
-    if text.startswith("pause ") and text.endswith("s") and text[6:-1].replace(".", "", 1).isdigit():
-        return f"pause {human_duration(float(text[6:-1]))}"
-    return text
-
-
-def _figures(measured: Any) -> str:
-    """requests, 5xx share and p99 of one analysis entry's measurement; unknown figures are left out."""
-    if not isinstance(measured, dict):
-        return ""
-    parts = []
-    if isinstance(measured.get("requests"), int):
-        parts.append(f"requests {measured['requests']}")
-    if isinstance(measured.get("error_rate"), int | float):
-        parts.append(f"5xx {measured['error_rate'] * 100:.2f}%")
-    if isinstance(measured.get("p99_ms"), int | float):
-        parts.append(f"p99 {measured['p99_ms']:.1f}ms")
-    return "  ".join(parts)
-
-
-def format_rollout_status(rec: RolloutRecord, now: float) -> str:
-    """A RolloutRecord for people: the steps with a marker, the weight, the time, each recent analysis.
-
-    The clock stops when the rollout ends (it shows the rollout's whole run), and nothing shows None.
-    """
-    from grayagent.rollout.record import pct
-
-    head = [f"rollout {rec.service}: {rec.phase}", f"canary {rec.canary} at {pct(rec.weight)}",
-            f"failures {rec.failures}/{rec.failure_limit + 1}"]
-    if rec.started_at is None:
-        head.append("not started by a controller yet")
-    else:
-        end = rec.finished_at if rec.ended and rec.finished_at is not None else now
-        took = human_duration(max(0.0, end - rec.started_at))
-        limit = f" of max {human_duration(rec.max_duration)}" if rec.max_duration else ""
-        head.append(f"{'ran' if rec.ended else 'running'} {took}{limit}")
-    head.append(f"(from version {rec.base_version})")
-    lines = ["  ".join(head)]
-    if rec.reason:
-        lines.append(f"  reason: {rec.reason}")
-    pending = [name for name, wanted in rec.requests.items() if wanted]
-    if pending and not rec.ended:
-        lines.append(f"  requested: {', '.join(pending)}")
-    for i, text in enumerate(rec.steps):
-        mark = "done" if i < rec.step else ("  ->" if i == rec.step and not rec.ended else "")
-        lines.append(f"  {mark:>4} {i + 1:>2}. {_step_text(text)}")
-    for entry in rec.analyses[-5:]:
-        reasons = "; ".join(str(r) for r in entry.get("reasons") or [])
-        lines.append(f"  analysis {entry.get('result', '?')!s:12} {_figures(entry.get('canary'))}  {reasons}"
-                     .rstrip())
-    return "\n".join(lines)
-
-
-def _terminal_rows(text: str) -> int:
-    import shutil
-
-    columns = max(1, shutil.get_terminal_size().columns)
-    return sum(max(1, -(-len(line) // columns)) for line in text.split("\n"))
-
-
-@rollout_group.command(name="status")
-@click.argument("service", required=False)
-@_store_option()
-@click.option("--watch", is_flag=True, help="Follow until every rollout shown has ended: redraws in place on a "
-                                            "terminal, prints each change otherwise. Exit 0 when all succeeded, "
-                                            "4 when one rolled back, 5 when one was aborted.")
-@OUTPUT
-def rollout_status(service: str | None, store_url: str | None, watch: bool, output: str) -> None:
-    """Steps, current weight and each analysis result of SERVICE's rollout (default: every rollout).
-
-    Exits 6 when no rollout has been started.
-    """
-    from grayagent.rollout import usecases as rollout
-
-    store = _open(store_url)
-    redraw = watch and output == "text" and sys.stdout.isatty()
-    shown, rows = "", 0
-    records: list[RolloutRecord] = []
-    for records, now in rollout.status_stream(store, service, watch):
-        data = [r.to_json() for r in records]
-        if output == "json":
-            frame = json.dumps(data, ensure_ascii=False)
-            changed = frame != shown
-        else:
-            frame = "\n\n".join(format_rollout_status(r, now) for r in records)
-            # Without a terminal, print a frame only when the records changed, not at every clock tick.
-            changed = redraw or json.dumps(data, sort_keys=True) != shown
-        if not changed:
-            continue
-        if redraw and rows:
-            click.echo(f"\x1b[{rows}F\x1b[J", nl=False)  # back to the previous frame's first line, erase it
-        elif watch and shown and output == "text":
-            click.echo("")
-        click.echo(frame)
-        shown = frame if output == "json" else json.dumps(data, sort_keys=True)
-        rows = _terminal_rows(frame) if redraw else 0
-    if watch:  # every rollout shown has ended
-        phases = {r.phase for r in records}
-        sys.exit(ROLLOUT_EXIT["rolled-back"] if "rolled-back" in phases
-                 else ROLLOUT_EXIT["aborted"] if "aborted" in phases else 0)
-
-
-def _rollout_request(action: str) -> Callable[..., None]:
-    @click.argument("service")
-    @_store_option()
-    @OUTPUT
-    def command(service: str, store_url: str | None, output: str) -> None:
-        from grayagent.rollout import usecases as rollout
-
-        rec = rollout.request(_open(store_url), service, action)
-        _emit(output, rec.to_json(), f"rollout {service}: {action} requested; the controller acts on its next tick")
-
-    command.__doc__ = controller_help[action]
-    return command
-
-
-controller_help = {
-    "pause": "Hold SERVICE's rollout at its current step (analysis and maxDuration keep running).",
-    "resume": "Continue a paused rollout.",
-    "promote": "Pass the current pause or manual gate now.",
-    "abort": "Stop and roll back as onFailure says (revert, or canary weight 0).",
-}
-for _action in controller_help:
-    rollout_group.command(name=_action)(_rollout_request(_action))
 
 
 @cli.group(name="audit")
@@ -560,7 +339,7 @@ def audit_show(state_dir: Path, output: str) -> None:
 def audit_verify(state_dir: Path, output: str) -> None:
     """Check the hash chain; exit 1 if any entry was edited, removed or reordered."""
     problems = usecases.audit_verify(state_dir)
-    _emit(output, {"intact": not problems, "problems": problems},
+    emit(output, {"intact": not problems, "problems": problems},
           "\n".join(problems) if problems else f"{StateDir(state_dir).audit}: intact")
     if problems:
         sys.exit(1)
@@ -569,16 +348,16 @@ def audit_verify(state_dir: Path, output: str) -> None:
 @audit_group.command(name="ack")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--reason", required=True, help="Why the gap is accepted (goes into the audit log).")
-@click.option("--operator", default=_default_author, help="Who acknowledges (default: user@host).")
+@click.option("--operator", default=default_author, help="Who acknowledges (default: user@host).")
 @OUTPUT
 def audit_ack(state_dir: Path, reason: str, operator: str, output: str) -> None:
     """Acknowledge every gap recorded in the log (an audited `ack` entry); exit 1 when there is none."""
-    from grayagent.audit import AuditLog
+    from grayagent.runtime.audit import AuditLog
 
     if not (state_dir / "audit.jsonl").exists():
         raise UsageError(f"--state-dir: {state_dir}: no audit log there")
     entry = AuditLog(state_dir).acknowledge(reason, operator)
-    _emit(output, entry, f"acknowledged gap(s) at seq {', '.join(str(g) for g in entry['gaps'])} "
+    emit(output, entry, f"acknowledged gap(s) at seq {', '.join(str(g) for g in entry['gaps'])} "
                          f"with entry seq {entry['seq']}")
 
 
@@ -597,6 +376,9 @@ def docs_command(topic: str | None) -> None:
         click.echo_via_pager(text)
     else:
         click.echo(text, nl=False)
+
+
+cli.add_command(rollout_group)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from grayagent.errors import InvalidDocument, Problem, UsageError
-from grayagent.model import Release
+from grayagent.rules.model import Release
 from grayagent.targets.base import StepFailed, run_command
 from grayagent.targets.envoy import VALIDATE_ARGS, first_error_line
 from grayagent.targets.envoy_render import render as render_envoy

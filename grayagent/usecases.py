@@ -10,12 +10,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from grayagent import audit
 from grayagent.errors import InvalidDocument, Problem, UsageError
 from grayagent.fsutil import atomic_write
-from grayagent.model import Release, parse_document
-from grayagent.routing import Decision, Request, route
-from grayagent.state import StateDir
+from grayagent.rules.model import Release, parse_document
+from grayagent.rules.routing import Decision, Request, route
+from grayagent.runtime import audit
+from grayagent.runtime.state import StateDir
 from grayagent.stores import Store
 from grayagent.stores.base import FleetStatus, VersionMeta, VersionRecord
 from grayagent.stores.chain import ChainBreak, require_intact, verify_chain
@@ -183,7 +183,7 @@ def wait_for_convergence(store: Store, seconds: float, min_agents: int = 1, poll
 
 def local_versions(state_dir: Path, store_url: str | None = None) -> list[dict[str, Any]]:
     """What a break-glass revert can restore: the versions this host applied recently from that store."""
-    from grayagent.agent import read_pin
+    from grayagent.runtime.agent import read_pin
 
     pin = read_pin(state_dir)
     return [{**r.meta.as_dict(), "pinned": bool(pin and pin.get("version") == r.version)}

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from grayagent.agent import Agent, AgentSettings
+from grayagent.runtime.agent import Agent, AgentSettings
 from grayagent.stores.base import Store
 from grayagent.targets.base import Target, poll_stable
 from grayagent.targets.nginx import OLD_WORKERS_GRACE, NginxSettings, NginxTarget

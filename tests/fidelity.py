@@ -1,7 +1,7 @@
 """A rule document that uses every matcher kind, and a seeded stream of requests that exercise it.
 
 Every target's fidelity test sends the same requests through the real proxy and compares each answer
-with grayagent.routing. Path and query stay printable ASCII (what a client puts on a request line);
+with grayagent.rules.routing. Path and query stay printable ASCII (what a client puts on a request line);
 header and cookie values include unicode, quotes, 4 KB strings and empty values.
 """
 
@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from grayagent.model import Release
-from grayagent.routing import Decision, Request, route
+from grayagent.rules.model import Release
+from grayagent.rules.routing import Decision, Request, route
 from tests.docs import document, service
 
 UPSTREAMS = ("stable", "canary", "beta")
@@ -59,7 +59,7 @@ class FidelityRequest:
     headers: list[tuple[str, str]] = field(default_factory=list)
 
     def simulate(self, release: Release, source_ip: str = "127.0.0.1") -> Decision:
-        """What grayagent.routing decides for this request (the proxies' peer is loopback)."""
+        """What grayagent.rules.routing decides for this request (the proxies' peer is loopback)."""
         path, _, query = self.path.partition("?")
         request = Request.build(headers=self.headers, path=path, query=query, source_ip=source_ip)
         return route(release.service(self.service), request)

@@ -8,9 +8,9 @@ import re
 from pathlib import Path
 
 from grayagent import usecases
-from grayagent.agent import Agent
-from grayagent.agentrun import start_status_server
-from grayagent.health import Observation, State, assess
+from grayagent.runtime.agent import Agent
+from grayagent.runtime.agentrun import start_status_server
+from grayagent.runtime.health import Observation, State, assess
 from grayagent.stores.file import FileStore
 from tests.agenthelp import grayagent, http_get, nginx_target, running_agent
 from tests.docs import document, dump, service

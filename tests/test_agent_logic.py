@@ -6,8 +6,8 @@ import json
 import time
 from pathlib import Path
 
-from grayagent.agent import Agent, AgentSettings
-from grayagent.model import Release
+from grayagent.rules.model import Release
+from grayagent.runtime.agent import Agent, AgentSettings
 from grayagent.stores.file import FileStore
 from grayagent.targets.base import ApplyResult, RenderedFiles
 from tests.docs import document, dump, service

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from grayagent.agentrun import resolve_options
 from grayagent.errors import InvalidDocument
+from grayagent.runtime.agentrun import resolve_options
 from grayagent.stores.file import FileStore
 from tests.agenthelp import Client, grayagent, http_get, wait_live
 from tests.docs import document, dump, service

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from grayagent.agent import Agent, AgentSettings
-from grayagent.agentrun import AgentOptions, build_agent
-from grayagent.audit import read_entries, verify
 from grayagent.fsutil import atomic_write
-from grayagent.model import Release
-from grayagent.state import StateDir
+from grayagent.rules.model import Release
+from grayagent.runtime.agent import Agent, AgentSettings
+from grayagent.runtime.agentrun import AgentOptions, build_agent
+from grayagent.runtime.audit import read_entries, verify
+from grayagent.runtime.state import StateDir
 from grayagent.stores.file import FileStore
 from grayagent.targets.base import ApplyResult, RenderedFiles
 from tests.agenthelp import grayagent

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from grayagent.audit import AuditLog, entry_hash, read_entries, verify
+from grayagent.runtime.audit import AuditLog, entry_hash, read_entries, verify
 from tests.agenthelp import grayagent
 from tests.test_agent_cli import fill, small_tmpfs
 

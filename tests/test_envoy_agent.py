@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from grayagent.model import parse_document
-from grayagent.routing import Request, route
+from grayagent.rules.model import parse_document
+from grayagent.rules.routing import Request, route
 from grayagent.stores.base import digest_of
 from grayagent.stores.file import FileStore
 from tests.agenthelp import Client, grayagent, running_agent_for

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from grayagent.model import parse_document
+from grayagent.rules.model import parse_document
 from grayagent.stores.base import digest_of
 from grayagent.targets.envoy_render import (
     EnvoyOptions,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from grayagent.agent import Agent
 from grayagent.errors import Conflict
+from grayagent.runtime.agent import Agent
 from grayagent.stores.base import digest_of
 from grayagent.stores.etcd import EtcdStore
 from tests.agenthelp import Client, grayagent, running_agent, wait_live

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from grayagent.model import parse_document
+from grayagent.rules.model import parse_document
 from grayagent.stores.base import digest_of
 from grayagent.targets.base import Target
 from tests.agenthelp import dynamic_target, nginx_target, wait_live

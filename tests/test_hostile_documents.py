@@ -166,7 +166,7 @@ def test_random_yaml_and_json_only_ever_raise_invalid_document() -> None:
     import random
 
     from grayagent.errors import InvalidDocument
-    from grayagent.model import parse_document
+    from grayagent.rules.model import parse_document
 
     pieces = ["a", ":", " ", "\n", "- ", "[", "]", "{", "}", ",", "!!binary ", "!!set ", "&x ", "*x", "? ", "'", '"',
               "2001-12-14", ".nan", "on", "~", "<<: ", "=", "!foo ", "0x1F", "1:30", "%YAML 1.1\n", "---\n", "...\n",

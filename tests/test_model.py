@@ -7,8 +7,8 @@ import json
 import pytest
 
 from grayagent.errors import InvalidDocument
-from grayagent.model import parse_document
-from grayagent.regexsubset import check_portable_regex
+from grayagent.rules.model import parse_document
+from grayagent.rules.regexsubset import check_portable_regex
 from tests.conftest import EXAMPLES
 from tests.docs import document, dump, service
 
@@ -150,7 +150,7 @@ def test_split_key_on_a_reserved_header_and_mapped_listen_are_refused() -> None:
 
 
 def test_reserved_listen_problems_name_the_service_on_the_agents_own_ports() -> None:
-    from grayagent.model import reserved_listen_problems
+    from grayagent.rules.model import reserved_listen_problems
 
     release = parse_document(dump(document(service(listen=9180), service(name="b", listen="127.0.0.2:18089"),
                                            service(name="c", listen="127.0.0.1:8081"))), "doc.yaml")

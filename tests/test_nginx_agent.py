@@ -11,10 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-from grayagent.agentrun import AgentOptions, reserved_listens
-from grayagent.audit import read_entries, verify
-from grayagent.model import parse_document
-from grayagent.routing import Request, route
+from grayagent.rules.model import parse_document
+from grayagent.rules.routing import Request, route
+from grayagent.runtime.agentrun import AgentOptions, reserved_listens
+from grayagent.runtime.audit import read_entries, verify
 from grayagent.stores.file import FileStore
 from tests.agenthelp import Client, grayagent, nginx_target, running_agent, wait_live
 from tests.docs import document, dump, service

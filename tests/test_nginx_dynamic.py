@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from grayagent.model import Release, parse_document
-from grayagent.routing import Request, route
+from grayagent.rules.model import Release, parse_document
+from grayagent.rules.routing import Request, route
 from grayagent.stores.base import digest_of
 from grayagent.stores.file import FileStore
 from grayagent.targets.nginx_control import TOKEN_FILE, push_headers, read_token
@@ -420,8 +420,8 @@ def test_dynamic_mode_without_the_lua_module_fails_cleanly(nginx: NginxInstance,
 
 
 def test_nginx_mode_from_flag_env_and_config_file(tmp_path: Path) -> None:
-    from grayagent import agentrun
     from grayagent.errors import UsageError
+    from grayagent.runtime import agentrun
     from grayagent.targets.nginx import NginxTarget
 
     base = {"state_dir": str(tmp_path / "state"), "nginx_conf": str(tmp_path / "conf.d" / "grayagent.conf")}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from grayagent.model import parse_document
+from grayagent.rules.model import parse_document
 from grayagent.stores.base import digest_of
 from grayagent.targets.base import Target
 from grayagent.targets.nginx import NginxSettings, NginxTarget

@@ -9,8 +9,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from grayagent.model import parse_document
-from grayagent.routing import Request, murmur2, route
+from grayagent.rules.model import parse_document
+from grayagent.rules.routing import Request, murmur2, route
 from grayagent.stores.base import digest_of
 from tests.agenthelp import nginx_target, wait_live
 from tests.docs import document, dump, service

@@ -14,7 +14,7 @@ import pytest
 
 from grayagent import proxycheck, usecases
 from grayagent.errors import InvalidDocument
-from grayagent.model import parse_document
+from grayagent.rules.model import parse_document
 from grayagent.stores.file import FileStore
 from grayagent.targets import nginx_render
 from tests.agenthelp import grayagent

@@ -7,10 +7,10 @@ import time
 import pytest
 
 from grayagent.errors import InvalidDocument
-from grayagent.model import Field, Service, StringMatch, Upstream, ValueCondition, parse_document
-from grayagent.modeldata import Listen, Rule
-from grayagent.regexsubset import check_portable_regex
-from grayagent.routing import Request, route
+from grayagent.rules.model import Field, Service, StringMatch, Upstream, ValueCondition, parse_document
+from grayagent.rules.modeldata import Listen, Rule
+from grayagent.rules.regexsubset import check_portable_regex
+from grayagent.rules.routing import Request, route
 from tests.docs import document, dump, service
 
 EXPONENTIAL = [

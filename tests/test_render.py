@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from grayagent.model import parse_document
+from grayagent.rules.model import parse_document
 from grayagent.stores.base import digest_of
 from grayagent.targets.nginx_render import NginxOptions, render
 from tests.servers.nginx import NginxInstance

@@ -11,10 +11,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from grayagent.agent import Agent, AgentSettings
-from grayagent.model import parse_document
 from grayagent.rollout import usecases as rollout
 from grayagent.rollout.controller import Controller
+from grayagent.rules.model import parse_document
+from grayagent.runtime.agent import Agent, AgentSettings
 from grayagent.stores.file import FileStore
 from grayagent.targets.nginx import NginxSettings, NginxTarget
 from tests.agenthelp import Client, grayagent, wait_live

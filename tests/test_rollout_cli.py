@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from grayagent.cli import human_duration
+from grayagent.cli_rollout import human_duration
 from grayagent.rollout import usecases as rollout
 from grayagent.rollout.controller import Controller
 from grayagent.stores.file import FileStore

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 
 from grayagent.errors import StoreError, UsageError
-from grayagent.model import PrometheusQueries
 from grayagent.rollout import usecases as rollout
 from grayagent.rollout.controller import Controller
 from grayagent.rollout.sources import PrometheusSource, check_metrics_host, parse_metrics_hosts
+from grayagent.rules.model import PrometheusQueries
 from grayagent.stores.file import FileStore
 from tests.agenthelp import grayagent
 from tests.test_rollout_units import Clock, Scripted, doc

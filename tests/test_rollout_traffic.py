@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from grayagent.observe import AgentMetrics
+from grayagent.runtime.observe import AgentMetrics
 from grayagent.stores.file import FileStore
 from grayagent.targets.nginx import NginxSettings, NginxTarget
 from grayagent.targets.nginx_access_log import AccessLogTailer, parse_line

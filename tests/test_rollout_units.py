@@ -13,15 +13,15 @@ import fastjsonschema
 import jsonschema
 import pytest
 
-from grayagent.cli import format_rollout_status
+from grayagent.cli_rollout import format_rollout_status
 from grayagent.errors import Conflict, InvalidDocument, StoreError, UsageError
-from grayagent.model import Analysis, PrometheusQueries, parse_document, parse_duration, schema
 from grayagent.rollout import usecases as rollout
 from grayagent.rollout.analysis import Measurement, judge, measurement_from_counters, quantile
 from grayagent.rollout.controller import Controller
 from grayagent.rollout.document import canary_weight, set_canary_weight
 from grayagent.rollout.record import KEEP_ANALYSES, RolloutRecord
 from grayagent.rollout.sources import FleetSource, PrometheusSource, parse_query_result
+from grayagent.rules.model import Analysis, PrometheusQueries, parse_document, parse_duration, schema
 from grayagent.stores.base import RecordConflict
 from grayagent.stores.file import FileStore
 from tests.docs import document, dump, service

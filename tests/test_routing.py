@@ -5,8 +5,8 @@ from __future__ import annotations
 import collections
 import random
 
-from grayagent.model import Split, parse_document
-from grayagent.routing import SPLIT_RANGE, Request, field_value, murmur2, pick_part, route, split_parts
+from grayagent.rules.model import Split, parse_document
+from grayagent.rules.routing import SPLIT_RANGE, Request, field_value, murmur2, pick_part, route, split_parts
 from tests.docs import document, dump, service
 
 
@@ -48,7 +48,7 @@ def test_first_matching_rule_decides_and_conditions_are_anded() -> None:
 
 def test_field_extraction_semantics() -> None:
     req = Request.build(headers={"Cookie": "xuid=1; uid=abc;uid=second"}, path="/p%20q/r?a=1&uid=x&uid=y")
-    from grayagent.model import Field
+    from grayagent.rules.model import Field
     assert field_value(Field("cookie", "uid"), req) == "abc"  # first occurrence, exact name
     assert field_value(Field("query", "uid"), req) == "x"
     assert field_value(Field("path"), req) == "/p%20q/r"  # raw, not decoded
@@ -102,7 +102,7 @@ def test_random_split_shares_match_weights() -> None:
 
 
 def test_repeated_cookie_headers_are_joined_like_nginx() -> None:
-    from grayagent.model import Field
+    from grayagent.rules.model import Field
     req = Request.build(headers=[("Cookie", ""), ("cookie", "uid=2"), ("X-A", "first"), ("X-A", "second"),
                                  ("X-Forwarded-For", "1.1.1.1"), ("X-Forwarded-For", "2.2.2.2")])
     assert field_value(Field("cookie", "uid"), req) == "2"

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import structlog
 
-from grayagent.observe import AgentMetrics, StatusServer
+from grayagent.runtime.observe import AgentMetrics, StatusServer
 from tests.servers.proc import wait_until
 
 WORKERS = 4

@@ -1,5 +1,5 @@
 -- grayroute_core: the proxy-independent half of grayagent's routing in Lua (LuaJIT 2.1, `bit` library).
--- It means exactly what grayagent/routing.py means (docs/routing-semantics.md); every adapter (Envoy's
+-- It means exactly what grayagent/rules/routing.py means (docs/routing-semantics.md); every adapter (Envoy's
 -- Lua filter, lua-nginx-module's grayroute_nginx) reads request values its own way and calls these functions.
 -- Verified against Envoy 1.40 and nginx 1.22 (docs/notes/envoy-probe.md, tests/test_fidelity_three_way.py).
 --

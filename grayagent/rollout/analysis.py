@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from grayagent.model import Analysis
+from grayagent.rules.model import Analysis
 
 # Relative error checks ignore differences below this share: with a healthy stable at 0 %, a single canary
 # 5xx must not count as "infinitely worse".

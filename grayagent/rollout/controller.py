@@ -26,9 +26,7 @@ from typing import Any
 
 import structlog
 
-from grayagent.audit import AuditLog
 from grayagent.errors import Conflict, GrayagentError, InvalidDocument, UsageError
-from grayagent.model import Rollout
 from grayagent.rollout import steps
 from grayagent.rollout.judging import analyse
 from grayagent.rollout.leadership import Leader, LeadershipLost
@@ -36,6 +34,8 @@ from grayagent.rollout.publishing import Publisher
 from grayagent.rollout.record import RolloutRecord
 from grayagent.rollout.sources import MetricsSource, check_metrics_host, source_for
 from grayagent.rollout.usecases import current_version, read, spec_of, state_of, write
+from grayagent.rules.model import Rollout
+from grayagent.runtime.audit import AuditLog
 from grayagent.stores.base import RecordConflict, Store
 
 log = structlog.get_logger("grayagent.rollout")

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from grayagent.errors import UsageError
-from grayagent.model import load_data, parse_document, parse_weight
+from grayagent.rules.model import load_data, parse_document, parse_weight
 
 
 def _number(hundredths: int) -> int | float:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from grayagent.errors import GrayagentError
-from grayagent.model import Rollout
 from grayagent.rollout.analysis import judge
 from grayagent.rollout.record import RolloutRecord
 from grayagent.rollout.sources import MetricsSource
+from grayagent.rules.model import Rollout
 
 
 def analyse(rec: RolloutRecord, spec: Rollout, source: MetricsSource, now: float) -> bool:

@@ -13,13 +13,13 @@ from typing import Any
 
 import structlog
 
-from grayagent.audit import AuditLog
 from grayagent.errors import GrayagentError
-from grayagent.model import Rollout
 from grayagent.rollout import steps
 from grayagent.rollout.document import canary_weight, set_canary_weight
 from grayagent.rollout.leadership import Leader
 from grayagent.rollout.record import RollbackTarget, RolloutRecord
+from grayagent.rules.model import Rollout
+from grayagent.runtime.audit import AuditLog
 from grayagent.stores.base import Store, VersionRecord
 
 log = structlog.get_logger("grayagent.rollout")

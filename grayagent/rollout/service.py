@@ -6,9 +6,9 @@ import signal
 import threading
 from pathlib import Path
 
-from grayagent import sdnotify
-from grayagent.audit import AuditLog
 from grayagent.rollout.controller import Controller
+from grayagent.runtime import sdnotify
+from grayagent.runtime.audit import AuditLog
 from grayagent.stores.base import Store
 
 

@@ -25,8 +25,8 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from grayagent.errors import StoreError, UsageError
-from grayagent.model import Analysis, PrometheusQueries, link_local_url
 from grayagent.rollout.analysis import Measurement, measurement_from_counters
+from grayagent.rules.model import Analysis, PrometheusQueries, link_local_url
 from grayagent.stores.base import FleetStatus
 
 

@@ -5,8 +5,8 @@ Pure: it changes the record and says which weight to publish; the controller rec
 
 from __future__ import annotations
 
-from grayagent.model import Rollout, RolloutStep
 from grayagent.rollout.record import RolloutRecord, pct
+from grayagent.rules.model import Rollout, RolloutStep
 
 
 def advance(rec: RolloutRecord, spec: Rollout, current_weight: int, now: float) -> tuple[int, str] | None:

@@ -10,9 +10,9 @@ import time
 from collections.abc import Callable, Iterator
 
 from grayagent.errors import GrayagentError, UsageError
-from grayagent.model import Rollout, parse_document
 from grayagent.rollout.document import canary_weight
 from grayagent.rollout.record import RolloutRecord
+from grayagent.rules.model import Rollout, parse_document
 from grayagent.stores.base import RecordConflict, RolloutState, Store, VersionRecord
 
 Clock = Callable[[], float]

@@ -19,7 +19,7 @@ import structlog
 
 from grayagent.errors import StoreError, UsageError
 from grayagent.fsutil import RENDERED_MODE, atomic_write
-from grayagent.state import StateDir
+from grayagent.runtime.state import StateDir
 from grayagent.stores import envelope
 from grayagent.stores.base import VersionRecord
 from grayagent.stores.urls import store_identity

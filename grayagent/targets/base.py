@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from grayagent.model import Release
+from grayagent.rules.model import Release
 from grayagent.targets.traffic import TrafficSampler
 
 RenderedFiles = dict[str, bytes]

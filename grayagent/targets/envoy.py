@@ -23,7 +23,7 @@ from pathlib import Path
 import structlog
 
 from grayagent.fsutil import atomic_write
-from grayagent.model import Release
+from grayagent.rules.model import Release
 from grayagent.targets.base import ApplyResult, RenderedFiles, StepFailed, http_get, run_command
 from grayagent.targets.envoy_render import (
     CDS_FILE,

@@ -10,7 +10,7 @@ with sorted keys). `render` returns {path relative to the Envoy dir: bytes}:
 Each kind lives in its own watched directory, so that a rename in rds/ makes Envoy re-read routes only:
 a rule change never touches a listener.
 
-How the one meaning of a route (grayagent.routing) becomes Envoy:
+How the one meaning of a route (grayagent.rules.routing) becomes Envoy:
 - the listener's early header mutation removes every client-sent `x-grayagent-*` (and `x-envoy-*`) header
   before anything reads or routes on them;
 - each virtual host's routes start with the catch-all to the default upstream, whose metadata names the
@@ -36,9 +36,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from grayagent.model import Field, Listen, Release, Service, StringMatch, ValueCondition
-from grayagent.regexsubset import regex_literal
-from grayagent.routing import split_parts
+from grayagent.rules.model import Field, Listen, Release, Service, StringMatch, ValueCondition
+from grayagent.rules.regexsubset import regex_literal
+from grayagent.rules.routing import split_parts
 from grayagent.targets.layout import default_service, services_by_listen, upstream_id
 from grayagent.targets.lua_data import RuleInputs, lua_literal, lua_source, lua_string, service_table
 

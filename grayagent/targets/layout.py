@@ -7,7 +7,7 @@ nginx semantics are the reference: one socket per listen address; a request whos
 
 from __future__ import annotations
 
-from grayagent.model import Release, Service
+from grayagent.rules.model import Release, Service
 
 
 def upstream_id(service: Service, upstream: str) -> str:

@@ -13,8 +13,8 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from grayagent.model import CidrCondition, Field, Service, ValueCondition
-from grayagent.routing import split_parts
+from grayagent.rules.model import CidrCondition, Field, Service, ValueCondition
+from grayagent.rules.routing import split_parts
 
 LUA_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 _./:@-")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from grayagent.errors import UsageError
 from grayagent.fsutil import atomic_write
-from grayagent.model import Release
+from grayagent.rules.model import Release
 from grayagent.targets.base import ApplyResult, RenderedFiles, StepFailed, http_get, poll_stable
 from grayagent.targets.nginx_access_log import AccessLogTailer
 from grayagent.targets.nginx_process import (

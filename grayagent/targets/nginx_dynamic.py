@@ -26,7 +26,7 @@ from pathlib import Path
 
 from grayagent.errors import UsageError
 from grayagent.fsutil import atomic_write
-from grayagent.model import Release
+from grayagent.rules.model import Release
 from grayagent.targets.base import ApplyResult, RenderedFiles, StepFailed, poll_stable, poll_until
 from grayagent.targets.nginx_access_log import AccessLogTailer
 from grayagent.targets.nginx_control import TOKEN_FILE, ControlClient, LiveState, ensure_token

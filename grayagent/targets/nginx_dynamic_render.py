@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from grayagent.model import CidrCondition, Field, Release, Service, ValueCondition
+from grayagent.rules.model import CidrCondition, Field, Release, Service, ValueCondition
 from grayagent.targets.layout import upstream_id
 from grayagent.targets.lua_data import RuleInputs, lua_literal, lua_source, lua_string, service_table
 from grayagent.targets.nginx_render import ACCESS_LOG_FORMAT, quote, upstream_blocks

@@ -2,7 +2,7 @@
 
 Pure and deterministic: the same release, version and options give byte-identical output.
 
-How the one meaning of a route (grayagent.routing) becomes nginx:
+How the one meaning of a route (grayagent.rules.routing) becomes nginx:
 - every field a rule or split reads becomes a variable: `$http_<name>` for headers, a `map` over `$http_cookie`
   or `$args` with routing.COOKIE_PATTERN / QUERY_PATTERN for cookies and query, a `map` over `$request_uri`
   for the raw path;
@@ -23,9 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from grayagent.model import CidrCondition, Field, Release, Service, StringMatch, ValueCondition, iter_value_fields
-from grayagent.regexsubset import regex_literal
-from grayagent.routing import COOKIE_PATTERN, QUERY_PATTERN, split_parts
+from grayagent.rules.model import CidrCondition, Field, Release, Service, StringMatch, ValueCondition, iter_value_fields
+from grayagent.rules.regexsubset import regex_literal
+from grayagent.rules.routing import COOKIE_PATTERN, QUERY_PATTERN, split_parts
 from grayagent.targets.layout import upstream_id
 from grayagent.targets.nginx_server import catch_all_servers, loopback_server, server_names_hash, service_server
 

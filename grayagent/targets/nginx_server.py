@@ -6,7 +6,7 @@ Pure text: a service's server (listen, server names, access log, `location /` ar
 
 from __future__ import annotations
 
-from grayagent.model import Release, Service
+from grayagent.rules.model import Release, Service
 from grayagent.targets.layout import default_service, services_by_listen
 
 # Inside `location /`, after proxy_pass: keep-alive to the upstream, the client's Host, the peer in XFF.

@@ -17,15 +17,15 @@ from typing import Any
 
 import structlog
 
-from grayagent.audit import AuditLog
 from grayagent.fsutil import RENDERED_MODE, atomic_write
-from grayagent.health import Health, Observation, State, assess
 from grayagent.logsetup import Throttle
-from grayagent.observe import AgentMetrics
-from grayagent.state import StateDir
+from grayagent.runtime.audit import AuditLog
+from grayagent.runtime.health import Health, Observation, State, assess
+from grayagent.runtime.observe import AgentMetrics
+from grayagent.runtime.state import StateDir
 from grayagent.stores.base import FleetStatus, utc_now
 
-log = structlog.get_logger("grayagent.agent")
+log = structlog.get_logger("grayagent.runtime.agent")
 
 PROBE_SIZE = 4096  # a write that needs a fresh block: small appends can still fit in a full disk's last page
 

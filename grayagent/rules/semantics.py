@@ -8,9 +8,9 @@ from collections.abc import Iterable
 from decimal import Decimal, InvalidOperation
 from typing import Any, cast
 
-from grayagent.docload import format_path
 from grayagent.errors import Problem
-from grayagent.modeldata import (
+from grayagent.rules.docload import format_path
+from grayagent.rules.modeldata import (
     Analysis,
     CidrCondition,
     Condition,
@@ -29,7 +29,7 @@ from grayagent.modeldata import (
     Upstream,
     ValueCondition,
 )
-from grayagent.regexsubset import check_portable_regex
+from grayagent.rules.regexsubset import check_portable_regex
 
 
 def parse_weight(value: Any) -> int | None:

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import re
 
-from grayagent.docload import MAX_DEPTH, MAX_DOCUMENT_BYTES, format_path, load, load_data
-from grayagent.docschema import schema, schema_problems
 from grayagent.errors import InvalidDocument, Problem
-from grayagent.modeldata import (
+from grayagent.rules.docload import MAX_DEPTH, MAX_DOCUMENT_BYTES, format_path, load, load_data
+from grayagent.rules.docschema import schema, schema_problems
+from grayagent.rules.modeldata import (
     API_VERSION,
     Analysis,
     CidrCondition,
@@ -38,7 +38,7 @@ from grayagent.modeldata import (
     ValueCondition,
     iter_value_fields,
 )
-from grayagent.semantics import (
+from grayagent.rules.semantics import (
     ReleaseChecker,
     link_local_url,
     parse_duration,

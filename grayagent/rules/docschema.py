@@ -12,8 +12,8 @@ from typing import Any
 import fastjsonschema
 import jsonschema
 
-from grayagent.docload import Path, format_path, quote_hint
 from grayagent.errors import Problem
+from grayagent.rules.docload import Path, format_path, quote_hint
 
 
 @functools.cache

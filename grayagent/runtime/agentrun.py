@@ -26,17 +26,17 @@ import fastjsonschema
 import jsonschema
 import structlog
 
-from grayagent import sdnotify
-from grayagent.agent import Agent, AgentSettings
-from grayagent.audit import AuditLog
 from grayagent.errors import GrayagentError, InvalidDocument, Problem, UsageError
-from grayagent.model import format_path, load_data
-from grayagent.observe import StatusServer
-from grayagent.state import StateDir
+from grayagent.rules.model import format_path, load_data
+from grayagent.runtime import sdnotify
+from grayagent.runtime.agent import Agent, AgentSettings
+from grayagent.runtime.audit import AuditLog
+from grayagent.runtime.observe import StatusServer
+from grayagent.runtime.state import StateDir
 from grayagent.stores import open_store, resolve_store_url
 from grayagent.targets.base import Target
 
-log = structlog.get_logger("grayagent.agentrun")
+log = structlog.get_logger("grayagent.runtime.agentrun")
 
 
 @dataclass(frozen=True)

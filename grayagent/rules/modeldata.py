@@ -1,4 +1,4 @@
-"""The frozen routing model that a valid rule document becomes (see grayagent.model.parse_document)."""
+"""The frozen routing model that a valid rule document becomes (see grayagent.rules.model.parse_document)."""
 
 from __future__ import annotations
 

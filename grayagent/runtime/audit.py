@@ -32,10 +32,10 @@ import structlog
 
 from grayagent.errors import GrayagentError
 from grayagent.fsutil import RENDERED_MODE, atomic_write
-from grayagent.state import StateDir
+from grayagent.runtime.state import StateDir
 from grayagent.stores.base import utc_now
 
-log = structlog.get_logger("grayagent.audit")
+log = structlog.get_logger("grayagent.runtime.audit")
 
 GENESIS = "0" * 64
 GAP_EVENT = "gap"

@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from grayagent.model import CidrCondition, Field, Service, Split, StringMatch, ValueCondition
-from grayagent.regexsubset import compile_portable
+from grayagent.rules.model import CidrCondition, Field, Service, Split, StringMatch, ValueCondition
+from grayagent.rules.regexsubset import compile_portable
 
 _M = 0x5BD1E995
 _MASK = 0xFFFFFFFF

@@ -5,7 +5,7 @@ current version, renders it purely, and hands the files to the target's applier.
 
 Seams: `Agent` is the loop (watch, coalescing, one pass per wake-up, the drift check); `Applier` renders and
 applies one version and keeps the refusals and retry timers; `agentstatus.StatusKeeper` assesses health
-(grayagent/health.py) and shows it on every surface, and owns the writes to the state dir (grayagent/state.py).
+(runtime/health.py) and shows it on every surface, and owns the writes to the state dir (runtime/state.py).
 
 Guarantees:
 - a document that fails validation is refused and audited, never applied, and never retried (versions are
@@ -30,19 +30,19 @@ from typing import Any
 
 import structlog
 
-from grayagent.agentstatus import AgentStatus, StatusKeeper, StatusReporter
-from grayagent.audit import AuditLog
 from grayagent.errors import GrayagentError, InvalidDocument
-from grayagent.health import Health, Observation
-from grayagent.model import parse_document, reserved_listen_problems
-from grayagent.observe import AgentMetrics
-from grayagent.state import StateDir
+from grayagent.rules.model import parse_document, reserved_listen_problems
+from grayagent.runtime.agentstatus import AgentStatus, StatusKeeper, StatusReporter
+from grayagent.runtime.audit import AuditLog
+from grayagent.runtime.health import Health, Observation
+from grayagent.runtime.observe import AgentMetrics
+from grayagent.runtime.state import StateDir
 from grayagent.stores.base import FleetStatus, Store, VersionRecord, digest_of
 from grayagent.stores.localcache import load_cache, save_cache
 from grayagent.targets.base import ApplyResult, Target
 from grayagent.targets.traffic import TrafficCollector, TrafficSampler
 
-log = structlog.get_logger("grayagent.agent")
+log = structlog.get_logger("grayagent.runtime.agent")
 
 DRIFT_GRACE = 2.0  # seconds after an apply before the proxy's live version is compared with it
 

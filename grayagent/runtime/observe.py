@@ -1,6 +1,6 @@
 """The agent's /metrics (Prometheus text format, prometheus-client), /healthz and /status, on loopback by default.
 
-Health is defined once, in grayagent/health.py. /healthz answers 200 only in the `healthy` state, otherwise
+Health is defined once, in grayagent/runtime/health.py. /healthz answers 200 only in the `healthy` state, otherwise
 503; its body, /status and the `grayagent_healthy` / `grayagent_health_state` gauges show the same state
 and reason. The bodies carry no secrets (store URLs are already redacted).
 Off loopback, /status and /metrics can require a bearer token (status_token_file); /healthz stays open.
@@ -24,9 +24,9 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from grayagent.health import State
+from grayagent.runtime.health import State
 
-log = structlog.get_logger("grayagent.observe")
+log = structlog.get_logger("grayagent.runtime.observe")
 STEP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
