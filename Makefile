@@ -78,7 +78,7 @@ bench: system-deps venv
 	$(BIN)/python bench/run_all.py
 
 golden: venv
-	UPDATE_GOLDEN=1 $(BIN)/python -m pytest -q tests/test_render.py
+	UPDATE_GOLDEN=1 $(BIN)/python -m pytest -q tests/test_render.py tests/test_envoy_render.py tests/test_nginx_dynamic.py -k golden
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache *.egg-info build $(DIST)
