@@ -15,11 +15,11 @@ from grayagent.fsutil import atomic_write
 from grayagent.rules.model import Release, parse_document
 from grayagent.rules.routing import Decision, Request, route
 from grayagent.runtime import audit
+from grayagent.runtime.cache import cached_versions
 from grayagent.runtime.state import StateDir
 from grayagent.stores import Store
 from grayagent.stores.base import FleetStatus, VersionMeta, VersionRecord
 from grayagent.stores.chain import ChainBreak, require_intact, verify_chain
-from grayagent.stores.localcache import cached_versions
 from grayagent.targets.base import Target
 
 

@@ -90,7 +90,7 @@ def test_the_next_start_removes_what_a_crash_left(tmp_path: Path) -> None:
     (scratch / "grayagent-envoy-validate-abc" / "bootstrap.yaml").write_text("x")
     (scratch / "half-written").write_text("x")
     (state.root / ".status.json.k3j2.tmp").write_text("{")  # atomic_write killed between write and rename
-    store_cache = state.cache_dir / "0123456789abcdef"  # one store's cache (stores/localcache.py)
+    store_cache = state.cache_dir / "0123456789abcdef"  # one store's cache (runtime/cache.py)
     store_cache.mkdir(parents=True)
     (store_cache / ".0000000003.json.abcd.tmp").write_text("{")
     (store_cache / "0000000003.json").write_text("{}")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from grayagent.errors import UsageError
+from grayagent.runtime.cache import cached_versions, load_cache, save_cache
 from grayagent.stores.base import VersionMeta, VersionRecord, digest_of
-from grayagent.stores.localcache import cached_versions, load_cache, save_cache
 from grayagent.stores.urls import store_identity
 from tests.agenthelp import grayagent
 

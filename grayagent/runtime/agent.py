@@ -34,11 +34,11 @@ from grayagent.errors import GrayagentError, InvalidDocument
 from grayagent.rules.model import parse_document, reserved_listen_problems
 from grayagent.runtime.agentstatus import AgentStatus, StatusKeeper, StatusReporter
 from grayagent.runtime.audit import AuditLog
+from grayagent.runtime.cache import load_cache, save_cache
 from grayagent.runtime.health import Health, Observation
 from grayagent.runtime.observe import AgentMetrics
 from grayagent.runtime.state import StateDir
 from grayagent.stores.base import FleetStatus, Store, VersionRecord, digest_of
-from grayagent.stores.localcache import load_cache, save_cache
 from grayagent.targets.base import ApplyResult, Target
 from grayagent.targets.traffic import TrafficCollector, TrafficSampler
 

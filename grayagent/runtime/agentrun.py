@@ -31,6 +31,7 @@ from grayagent.rules.model import format_path, load_data
 from grayagent.runtime import sdnotify
 from grayagent.runtime.agent import Agent, AgentSettings
 from grayagent.runtime.audit import AuditLog
+from grayagent.runtime.cache import has_cache
 from grayagent.runtime.observe import StatusServer
 from grayagent.runtime.state import StateDir
 from grayagent.stores import open_store, resolve_store_url
@@ -187,7 +188,8 @@ def build_agent(options: AgentOptions) -> Agent:
     StateDir(options.state_dir).prepare()
     # A vanished directory store this host has cached versions of is served from the cache; an unknown one is
     # refused (a mistyped path).
-    store = open_store(resolve_store_url(options.store), cached_in=Path(options.state_dir))
+    url = resolve_store_url(options.store)
+    store = open_store(url, vanished_ok=has_cache(Path(options.state_dir), url))
     settings = AgentSettings(state_dir=Path(options.state_dir), min_apply_interval=options.min_apply_interval,
                              host=options.host, status_interval=options.status_interval,
                              reserved_listens=reserved_listens(options))

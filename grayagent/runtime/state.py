@@ -3,7 +3,7 @@
     <state>/              0750  the agent's user; the group may read (status, audit)
       pinned.json               break-glass pin (`grayagent local-revert`)
       status.json               the agent's last status (health included)
-      cache/<store key>/        per store (stores/localcache.py): last-good.json, the version to start from
+      cache/<store key>/        per store (runtime/cache.py): last-good.json, the version to start from
                                 when the store is unreachable, and <N>.json, recent versions for a local revert
       audit.jsonl, audit.head   the hash-chained audit log
       tmp/                0700  scratch files and directories of every component; emptied at each start

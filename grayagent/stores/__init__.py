@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import os
-from pathlib import Path
 
 from grayagent.errors import UsageError
 from grayagent.stores.base import Store, VersionMeta, VersionRecord, WatchHandler, digest_of
@@ -27,10 +26,10 @@ def resolve_store_url(url: str | None) -> str:
     return resolved
 
 
-def open_store(url: str, *, publishing: bool = False, create: bool = False, cached_in: Path | None = None) -> Store:
+def open_store(url: str, *, publishing: bool = False, create: bool = False, vanished_ok: bool = False) -> Store:
     """The store a URL names. A directory store must exist (a mistyped path is an error naming it), except:
     - `publishing`: `publish` may create it when its parent directory exists, or anywhere with `create`;
-    - `cached_in`: an agent's state dir holding cached versions of this store: the store existed and
+    - `vanished_ok`: the caller knows the store existed (an agent holding cached versions of it): it
       vanished (a lost mount), and the agent serves its last-good version from the cache meanwhile.
     An empty etcd or Nacos prefix is a store where nothing was published yet, not an error."""
     scheme = url.split("://", 1)[0] if "://" in url else "file"
@@ -50,5 +49,5 @@ def open_store(url: str, *, publishing: bool = False, create: bool = False, cach
         from grayagent.stores.file import FileStore
 
         assert isinstance(store, FileStore)
-        store.require_present(publishing=publishing, create=create, cached_in=cached_in)
+        store.require_present(publishing=publishing, create=create, vanished_ok=vanished_ok)
     return store

@@ -25,7 +25,7 @@ from urllib.parse import unquote, urlsplit
 
 from grayagent.errors import Conflict, StoreError, UsageError, VersionNotFound
 from grayagent.fsutil import atomic_write, create_exclusive
-from grayagent.stores import envelope, localcache
+from grayagent.stores import envelope
 from grayagent.stores.base import (
     Leadership,
     RecordConflict,
@@ -60,7 +60,7 @@ class FileStore:
         self.versions_dir = self.root / "versions"
         self.current_path = self.root / "current"
 
-    def require_present(self, *, publishing: bool, create: bool, cached_in: Path | None) -> None:
+    def require_present(self, *, publishing: bool, create: bool, vanished_ok: bool) -> None:
         """Refuse a store directory that does not exist (see stores.open_store for the exceptions)."""
         if self.root.is_dir():
             return
@@ -71,7 +71,7 @@ class FileStore:
                 return
             raise UsageError(f"--store: {self.root}: no such directory, nor its parent {self.root.parent}; "
                              "check the path, or give publish --create to make both")
-        if cached_in is not None and localcache.cache_dir(cached_in, self.url).is_dir():
+        if vanished_ok:
             return
         raise UsageError(f"--store: {self.root}: no such store directory (check the path; "
                          "`grayagent publish` creates a store)")

@@ -47,6 +47,11 @@ def save_cache(state_dir: Path, store_url: str, record: VersionRecord) -> None:
         old.unlink(missing_ok=True)
 
 
+def has_cache(state_dir: Path, store_url: str) -> bool:
+    """This host applied versions of that store before: it existed, even if it is gone now."""
+    return cache_dir(state_dir, store_url).is_dir()
+
+
 def load_cache(state_dir: Path, store_url: str) -> VersionRecord | None:
     return read_record(cache_dir(state_dir, store_url) / LAST_GOOD)
 
