@@ -105,3 +105,19 @@ def http_get(url: str, timeout: float = 5) -> tuple[int, str]:
 def grayagent(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "grayagent.cli", *args], capture_output=True, text=True,
                           env=env, timeout=timeout, check=False)
+
+
+def agent_config(tmp_path: Path, store: Path, nginx: NginxInstance, **keys: Any) -> Path:
+    """An agent config file for `nginx`, its state dir under tmp_path; `keys` add or override config keys."""
+    values: dict[str, Any] = {"store": store, "state_dir": tmp_path / "state", "nginx_conf": nginx.conf,
+                              "nginx_main_conf": nginx.main_conf, "nginx_bin": nginx.binary,
+                              "verify_listen": f"'{nginx.verify_listen}'", "min_apply_interval": 0.1, **keys}
+    config = tmp_path / "agent.yaml"
+    config.write_text("".join(f"{key}: {value}\n" for key, value in values.items()))
+    return config
+
+
+def start_agent(config: Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """`grayagent agent --config` as its own process; stderr to a file (an undrained pipe would block it)."""
+    return subprocess.Popen([sys.executable, "-m", "grayagent.cli", "agent", "--config", str(config)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=log.open("w"))

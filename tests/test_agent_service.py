@@ -18,7 +18,7 @@ import pytest
 from grayagent.errors import InvalidDocument
 from grayagent.runtime.agentrun import resolve_options
 from grayagent.stores.file import FileStore
-from tests.agenthelp import Client, grayagent, http_get, wait_live
+from tests.agenthelp import Client, agent_config, grayagent, http_get, start_agent, wait_live
 from tests.docs import document, dump, service
 from tests.servers.proc import free_port, wait_until
 
@@ -77,16 +77,11 @@ def test_service_health_metrics_notify_and_reload(tmp_path: Path, nginx, backend
     store = FileStore(str(tmp_path / "store"))
     servers = {n: [f"127.0.0.1:{b.port}"] for n, b in backends.items()}
     store.publish(dump(document(service(listen=f"127.0.0.1:{port}", servers=servers))), 0, "t", "")
-    config = tmp_path / "agent.yaml"
-    config.write_text(f"store: {tmp_path / 'store'}\nstate_dir: {tmp_path / 'state'}\nnginx_conf: {nginx.conf}\n"
-                      f"nginx_main_conf: {nginx.main_conf}\nnginx_bin: {nginx.binary}\n"
-                      f"verify_listen: '{nginx.verify_listen}'\nstatus_listen: '127.0.0.1:{status_port}'\n"
-                      f"min_apply_interval: 0.1\n")
+    config = agent_config(tmp_path, tmp_path / "store", nginx, status_listen=f"'127.0.0.1:{status_port}'")
     env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "2000000"}
     env.pop("GRAYAGENT_STATUS_LISTEN", None)
     log = tmp_path / "agent.log"  # a file, not a pipe: an undrained pipe would block the agent's logging
-    agent = subprocess.Popen([sys.executable, "-m", "grayagent.cli", "agent", "--config", str(config)], env=env,
-                             stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    agent = start_agent(config, log, env)
     try:
         wait_live(nginx, 1)
         wait_until(lambda: http_get(f"http://127.0.0.1:{status_port}/healthz")[0] == 200, 10, "/healthz to say ready")
@@ -153,8 +148,7 @@ def test_a_reloaded_config_that_cannot_start_keeps_the_running_one(tmp_path: Pat
             f"status_listen: '127.0.0.1:{status_port}'\n")
     config.write_text(good)
     env = {k: v for k, v in os.environ.items() if k != "GRAYAGENT_STATUS_LISTEN"}
-    agent = subprocess.Popen([sys.executable, "-m", "grayagent.cli", "agent", "--config", str(config)], env=env,
-                             stdout=subprocess.DEVNULL, stderr=(tmp_path / "agent.log").open("w"))
+    agent = start_agent(config, tmp_path / "agent.log", env)
     taken = socket.socket()
     try:
         wait_until(lambda: http_get(f"http://127.0.0.1:{status_port}/healthz")[0] == 200, 15, "the agent")

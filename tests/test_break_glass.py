@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from grayagent.stores.file import FileStore
-from tests.agenthelp import Client, grayagent, nginx_target, wait_live
+from tests.agenthelp import Client, agent_config, grayagent, nginx_target, start_agent, wait_live
 from tests.docs import document, dump, service
 from tests.servers.proc import free_port, wait_until
 
@@ -25,12 +23,8 @@ def test_local_revert_from_cache_while_store_is_down(tmp_path: Path, nginx, back
         current = store.current()
         store.publish(dump(document(service(listen=f"127.0.0.1:{port}", servers=servers, default=default))),
                       current.version if current else 0, "t", f"all {default}")
-    config = tmp_path / "agent.yaml"
-    config.write_text(f"store: {store_dir}\nstate_dir: {tmp_path / 'state'}\nnginx_conf: {nginx.conf}\n"
-                      f"nginx_main_conf: {nginx.main_conf}\nnginx_bin: {nginx.binary}\n"
-                      f"verify_listen: '{nginx.verify_listen}'\nmin_apply_interval: 0.1\n")
-    agent = subprocess.Popen([sys.executable, "-m", "grayagent.cli", "agent", "--config", str(config)],
-                             stdout=subprocess.DEVNULL, stderr=(tmp_path / "agent.log").open("w"))
+    config = agent_config(tmp_path, store_dir, nginx)
+    agent = start_agent(config, tmp_path / "agent.log")
     try:
         wait_live(nginx, 2)  # the agent applies only the current version: 1 never reached this host
         # Version 1 was never applied on this host: it is not in the cache, so it cannot be restored here.

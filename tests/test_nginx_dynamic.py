@@ -12,7 +12,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -38,7 +37,7 @@ from grayagent.targets.nginx_dynamic_render import (
     render_data,
     render_skeleton,
 )
-from tests.agenthelp import Client, dynamic_target, grayagent, running_agent_for
+from tests.agenthelp import Client, agent_config, dynamic_target, grayagent, running_agent_for, start_agent
 from tests.docs import document, dump, service
 from tests.servers.nginx import LUA_MODULE, NginxInstance, lua_available
 from tests.servers.proc import free_port, wait_until
@@ -553,12 +552,8 @@ def test_local_revert_through_the_cli_goes_back_and_unpin_forward(tmp_path: Path
     port = free_port()
     store = FileStore(str(tmp_path / "store"))
     target = dynamic_target(lua_nginx)
-    config = tmp_path / "agent.yaml"
-    config.write_text(f"store: {tmp_path / 'store'}\nstate_dir: {tmp_path / 'state'}\nnginx_conf: {lua_nginx.conf}\n"
-                      f"nginx_main_conf: {lua_nginx.main_conf}\nnginx_bin: {lua_nginx.binary}\nnginx_mode: dynamic\n"
-                      f"verify_listen: '{lua_nginx.verify_listen}'\nmin_apply_interval: 0.1\n")
-    agent = subprocess.Popen([sys.executable, "-m", "grayagent.cli", "agent", "--config", str(config)],
-                             stdout=subprocess.DEVNULL, stderr=(tmp_path / "agent.log").open("w"))
+    config = agent_config(tmp_path, tmp_path / "store", lua_nginx, nginx_mode="dynamic")
+    agent = start_agent(config, tmp_path / "agent.log")
     try:
         _publish(store, _doc(backends, port, {"stable": 100, "canary": 0, "beta": 0}))
         wait_until(lambda: (target.live_version() or (0, ""))[0] == 1, 15, "version 1")
