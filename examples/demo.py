@@ -7,7 +7,6 @@ Everything lives under .demo/ and is stopped at the end.
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import signal
@@ -105,9 +104,8 @@ def main() -> None:
         print("\n".join(line for line in metrics.splitlines()
                         if line.startswith(("grayagent_applied_version", "grayagent_apply_total",
                                             "grayagent_proxy_reloads_total"))))
-        decision = json.loads(grayagent("route", "--store", str(store), "--service", "product",
-                                        "--header", "X-Employee=true", "-o", "json"))
-        print(f"\n$ grayagent route --service product --header X-Employee=true\n{decision}")
+        decision = grayagent("route", "--store", str(store), "--service", "product", "--header", "X-Employee=true")
+        print(f"\n$ grayagent route --service product --header X-Employee=true\n{decision.rstrip()}")
     finally:
         agent.send_signal(signal.SIGTERM)
         agent.wait(15)
