@@ -185,7 +185,7 @@ def local_versions(state_dir: Path, store_url: str | None = None) -> list[dict[s
     """What a break-glass revert can restore: the versions this host applied recently from that store."""
     from grayagent.runtime.agent import read_pin
 
-    pin = read_pin(state_dir)
+    pin = read_pin(StateDir(state_dir).existing().root)
     return [{**r.meta.as_dict(), "pinned": bool(pin and pin.get("version") == r.version)}
             for r in cached_versions(state_dir, store_url)]
 
@@ -197,7 +197,7 @@ def local_revert(state_dir: Path, target: Target, version: int, reason: str,
     For when the store is down or serving a bad version. The pin stops the agent from applying store
     versions until `unpin`; publish a proper `grayagent revert` once the store is back, then unpin.
     """
-    state = StateDir(state_dir)
+    state = StateDir(state_dir).existing()
     records = {r.version: r for r in cached_versions(state_dir, store_url)}
     if version not in records:
         known = ", ".join(map(str, sorted(records))) or "none"
@@ -223,7 +223,7 @@ def local_revert(state_dir: Path, target: Target, version: int, reason: str,
 
 def unpin(state_dir: Path) -> bool:
     """Let the agent follow the store again; False when nothing was pinned."""
-    state = StateDir(state_dir)
+    state = StateDir(state_dir).existing()
     if not state.pin.exists():
         return False
     state.pin.unlink()

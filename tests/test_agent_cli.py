@@ -135,3 +135,14 @@ def test_throttle_lets_one_line_a_minute_through() -> None:
     throttle(lambda event, **kw: seen.append({"event": event, **kw}), "could not write status", error="ENOSPC")
     assert seen == [{"event": "could not write status", "error": "ENOSPC"},
                     {"event": "could not write status", "error": "ENOSPC", "repeated": 999}]
+
+
+@pytest.mark.parametrize("args", [["--list"], ["--unpin"], ["1"]])
+def test_local_revert_names_a_mistyped_state_dir(tmp_path: Path, args: list[str]) -> None:
+    missing = tmp_path / "stat"
+    config = tmp_path / "agent.yaml"
+    config.write_text(f"store: {tmp_path / 'store'}\nstate_dir: {missing}\nnginx_conf: {tmp_path / 'g.conf'}\n")
+    done = grayagent("local-revert", *args, "--config", str(config))
+    assert done.returncode == 2, done
+    assert done.stderr.strip() == f"grayagent: --state-dir: {missing}: no such directory (the agent's state dir)"
+    assert not missing.exists()

@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from grayagent.errors import UsageError
 from grayagent.fsutil import remove_stale_temps
 
 DIR_MODE = 0o750
@@ -77,6 +78,12 @@ class StateDir:
             yield path
         finally:
             shutil.rmtree(path, ignore_errors=True)
+
+    def existing(self) -> StateDir:
+        """This state dir, which must exist: a command that reads an agent's state names a mistyped path."""
+        if not self.root.is_dir():
+            raise UsageError(f"--state-dir: {self.root}: no such directory (the agent's state dir)")
+        return self
 
     def ensure(self) -> StateDir:
         """Create the dir if it is missing; touch nothing inside."""
