@@ -549,8 +549,10 @@ def audit_show(state_dir: Path, output: str) -> None:
             extra = f" error={entry['error']}" if entry.get("error") else ""
             extra += f" reason={entry['reason']}" if entry.get("reason") else ""
             steps = entry.get("steps_ms")
-            timing = " " + " ".join(f"{k}={v:.1f}ms" for k, v in steps.items()) if steps else ""
-            click.echo(f"{entry['seq']:>6} {entry['time']} {entry['event']:8} "
+            # An edited log may hold anything here: print what is printable (`audit verify` flags the edit).
+            timing = " " + " ".join(f"{k}={v:.1f}ms" for k, v in steps.items()
+                                    if isinstance(v, int | float)) if isinstance(steps, dict) and steps else ""
+            click.echo(f"{entry['seq']:>6} {entry.get('time', '-')} {entry.get('event', '-')!s:8} "
                        f"version={entry.get('version', '-')} result={entry.get('result', '-')}{timing}{extra}")
 
 
