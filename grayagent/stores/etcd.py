@@ -74,7 +74,7 @@ class EtcdStore:
         if not response.kvs:
             return 0
         text = response.kvs[0].value.decode("ascii", "replace").strip()
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):
             raise StoreError(f"{self.url}: {self.prefix}current holds {text[:20]!r}, not a version number")
         return int(text)
 
@@ -111,8 +111,8 @@ class EtcdStore:
         response = self._range(self.prefix + "versions/", prefix=True)
         records = []
         for kv in response.kvs:
-            name = kv.key.decode().rsplit("/", 1)[-1]
-            if name.isdigit():
+            name = kv.key.decode("utf-8", "replace").rsplit("/", 1)[-1]
+            if name.isascii() and name.isdigit():  # a key another tool wrote, e.g. versions/², is not ours
                 records.append(self._decode(int(name), kv).meta)
         return sorted(records, key=lambda m: m.version)
 
@@ -125,7 +125,8 @@ class EtcdStore:
         parent_digest = envelope.parent_link(self.get, expected)
         for _ in range(10):
             existing = self._range(self.prefix + "versions/", prefix=True, keys_only=True)
-            numbers = [int(n) for kv in existing.kvs if (n := kv.key.decode().rsplit("/", 1)[-1]).isdigit()]
+            numbers = [int(n) for kv in existing.kvs
+                       if (n := kv.key.decode("utf-8", "replace").rsplit("/", 1)[-1]).isascii() and n.isdigit()]
             number = max([expected, *numbers]) + 1
             meta = VersionMeta(number, expected, utc_now(), author, message, digest_of(content), parent_digest)
             entry = envelope.encode(meta, content, publish_id=nonce)

@@ -80,12 +80,12 @@ class FileStore:
 
     def _read_current_number(self) -> int:
         try:
-            text = self.current_path.read_text("ascii").strip()
+            text = self.current_path.read_bytes().decode("ascii", "replace").strip()
         except FileNotFoundError:
             return 0  # a store directory that does not exist yet is empty; the first publish creates it
         except OSError as exc:
             raise StoreError(f"{self.url}: {exc.strerror}") from None
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):
             raise StoreError(f"{self.current_path}: not a version number")
         return int(text)
 
@@ -125,7 +125,7 @@ class FileStore:
     def _version_files(self) -> Iterator[Path]:
         if not self.versions_dir.is_dir():
             return iter(())
-        return (p for p in self.versions_dir.glob("*.json") if p.stem.isdigit())
+        return (p for p in self.versions_dir.glob("*.json") if p.stem.isascii() and p.stem.isdigit())
 
     def history(self) -> list[VersionMeta]:
         metas = [envelope.meta_of(self._load(p), str(p)) for p in self._version_files()]

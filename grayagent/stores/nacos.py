@@ -117,7 +117,7 @@ class NacosStore:
         if text is None:
             return 0
         value = text.strip()
-        if not value.isdigit():
+        if not (value.isascii() and value.isdigit()):
             raise StoreError(f"{self.url}: {self.pointer_id} holds {value[:20]!r}, not a version number")
         return int(value)
 
