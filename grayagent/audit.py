@@ -30,6 +30,7 @@ from typing import Any
 
 import structlog
 
+from grayagent.docload import loads_json
 from grayagent.errors import GrayagentError
 from grayagent.fsutil import RENDERED_MODE, atomic_write
 from grayagent.state import StateDir
@@ -58,15 +59,6 @@ def entry_hash(entry: dict[str, Any]) -> str:
     return hashlib.sha256(_canonical({k: v for k, v in entry.items() if k != "hash"})).hexdigest()
 
 
-def _decode(raw: bytes) -> Any:
-    """json.loads for a line of a file anyone with write access may have edited: a hostile line (nested
-    100k deep) is a ValueError like any other unreadable line, never a RecursionError that kills the agent."""
-    try:
-        return json.loads(raw)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
-
-
 def _is_entry(value: Any) -> bool:
     """A dict whose seq is a whole number: what the chain arithmetic (seq + 1) can work with."""
     seq = value.get("seq") if isinstance(value, dict) else None
@@ -76,7 +68,7 @@ def _is_entry(value: Any) -> bool:
 def _read_head(path: Path) -> dict[str, Any] | None:
     """The head's {"seq", "hash"}; None when missing or unreadable."""
     try:
-        head = _decode(path.read_bytes())
+        head = loads_json(path.read_bytes())
     except (FileNotFoundError, ValueError):
         return None
     return head if isinstance(head, dict) else None
@@ -139,7 +131,7 @@ class AuditLog:
             if not raw.strip():
                 continue
             try:
-                last = _decode(raw)
+                last = loads_json(raw)
             except ValueError:
                 continue
             if _is_entry(last):
@@ -226,7 +218,7 @@ def _readable_entries(path: Path) -> list[dict[str, Any]]:
         return out
     for raw in lines:
         try:
-            entry = _decode(raw)
+            entry = loads_json(raw)
         except ValueError:
             continue
         if _is_entry(entry):
@@ -242,7 +234,7 @@ def read_entries(state_dir: Path) -> list[dict[str, Any]]:
         for lineno, raw in enumerate(f, 1):
             if raw.strip():
                 try:
-                    entry = _decode(raw)
+                    entry = loads_json(raw)
                 except ValueError as exc:
                     raise ValueError(f"line {lineno}: {exc}") from None
                 if not _is_entry(entry):
@@ -279,7 +271,7 @@ def verify(state_dir: Path) -> list[str]:
         if not raw.strip():
             continue
         try:
-            entry = _decode(raw)
+            entry = loads_json(raw)
         except ValueError:
             problems.append(f"{path}:{lineno}: not valid JSON")
             continue

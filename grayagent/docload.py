@@ -82,6 +82,16 @@ def json_depth(text: str) -> int:
     return max(itertools.accumulate(map(_STEP.__getitem__, brackets)), default=0)
 
 
+def loads_json(raw: bytes | str) -> Any:
+    """json.loads for text another tool or person may have written (a store entry, a state file, a request
+    line): nesting deep enough to exhaust Python's stack is a ValueError like any other bad JSON, not a
+    RecursionError that every caller's `except ValueError` misses."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def _json_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from grayagent import audit
+from grayagent.docload import loads_json
 from grayagent.errors import InvalidDocument, Problem, UsageError
 from grayagent.fsutil import atomic_write
 from grayagent.model import Release, parse_document
@@ -136,7 +137,7 @@ def route_batch(release: Release, lines: Iterable[str], source: str) -> Iterator
             continue
         where = f"{source}:{lineno}"
         try:
-            service, request = _request_from_json(json.loads(line), where)
+            service, request = _request_from_json(loads_json(line), where)
             yield route_one(release, service, request).as_dict()
         except ValueError as exc:
             yield {"error": f"{where}: invalid JSON: {exc}"}

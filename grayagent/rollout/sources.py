@@ -16,7 +16,6 @@ hosts to an allow-list (`check_metrics_host`).
 from __future__ import annotations
 
 import ipaddress
-import json
 import math
 import socket
 import urllib.parse
@@ -24,6 +23,7 @@ import urllib.request
 from collections.abc import Iterable
 from typing import Any, Protocol
 
+from grayagent.docload import loads_json
 from grayagent.errors import StoreError, UsageError
 from grayagent.model import Analysis, PrometheusQueries, link_local_url
 from grayagent.rollout.analysis import Measurement, measurement_from_counters
@@ -181,7 +181,7 @@ class PrometheusSource:
             raise StoreError(f"prometheus {where}: resolves to the link-local address {address}; refused")
         try:
             with _OPENER.open(url, timeout=self.timeout) as response:
-                body = json.loads(response.read())
+                body = loads_json(response.read())
         except (OSError, ValueError) as exc:
             raise StoreError(f"prometheus {redact_url(self.queries.url)}: {exc}") from None
         return parse_query_result(body)

@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 
+from grayagent.docload import loads_json
 from grayagent.errors import StoreError, VersionNotFound
 from grayagent.stores.base import VersionMeta, VersionRecord, digest_of
 
@@ -76,7 +77,7 @@ def decode(data: dict[str, Any], where: str, version: int | None = None) -> Vers
 def loads(raw: bytes | str, where: str, version: int | None = None) -> VersionRecord:
     """decode() of raw JSON text; not JSON, or not an envelope, is a StoreError."""
     try:
-        data = json.loads(raw)
+        data = loads_json(raw)
     except ValueError as exc:
         raise DamagedVersion(f"{where}: unreadable version entry: {exc}") from None
     if not is_envelope(data):

@@ -33,6 +33,7 @@ from typing import Any
 
 from pyetcd.etcdrpc import rpc_pb2 as pb
 
+from grayagent.docload import loads_json
 from grayagent.errors import Conflict, StoreError, VersionNotFound
 from grayagent.stores import envelope
 from grayagent.stores.base import (
@@ -81,7 +82,7 @@ class EtcdStore:
     def _decode(self, version: int, kv: Any) -> VersionRecord:
         raw: bytes = kv.value
         try:
-            data = json.loads(raw)
+            data = loads_json(raw)
         except ValueError:
             data = None
         if envelope.is_envelope(data):
@@ -166,7 +167,7 @@ class EtcdStore:
         if not response.kvs:
             return False
         try:
-            return bool(json.loads(response.kvs[0].value).get("publish_id") == nonce)
+            return bool(loads_json(response.kvs[0].value).get("publish_id") == nonce)
         except ValueError:
             return False
 
@@ -197,7 +198,7 @@ class EtcdStore:
         if not response.kvs:
             return None, 0
         try:
-            record: dict[str, Any] = json.loads(response.kvs[0].value)
+            record: dict[str, Any] = loads_json(response.kvs[0].value)
         except ValueError:
             raise StoreError(f"{self.url}: rollouts/{name}: not JSON") from None
         return record, int(response.kvs[0].mod_revision)

@@ -10,6 +10,7 @@ import structlog
 from pyetcd.etcdrpc import rpc_pb2 as pb
 from pyetcd.etcdrpc import rpc_pb2_grpc as pbg
 
+from grayagent.docload import loads_json
 from grayagent.errors import StoreError
 from grayagent.stores.etcd_client import EtcdClient
 
@@ -66,7 +67,7 @@ class EtcdFleetStatus:
         out = []
         for kv in response.kvs:
             try:
-                entry = json.loads(kv.value)
+                entry = loads_json(kv.value)
             except ValueError:
                 continue
             if isinstance(entry, dict):

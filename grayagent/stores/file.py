@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from grayagent.docload import loads_json
 from grayagent.errors import Conflict, StoreError, UsageError, VersionNotFound
 from grayagent.fsutil import atomic_write, create_exclusive
 from grayagent.stores import envelope, localcache
@@ -94,7 +95,7 @@ class FileStore:
 
     def _load(self, path: Path) -> dict[str, Any]:
         try:
-            data = json.loads(path.read_bytes())
+            data = loads_json(path.read_bytes())
         except FileNotFoundError:
             raise
         except OSError as exc:
@@ -229,8 +230,8 @@ class FileStore:
         now = time.time()
         out = []
         for path in sorted((self.root / "agents").glob("*.json")):
-            with contextlib.suppress(OSError, ValueError):
-                entry = json.loads(path.read_bytes())
+            with contextlib.suppress(OSError, ValueError, TypeError):  # TypeError: expires_unix edited to a list
+                entry = loads_json(path.read_bytes())
                 if isinstance(entry, dict) and float(entry.get("expires_unix", 0)) > now:
                     out.append(entry)
         return out
@@ -242,7 +243,7 @@ class FileStore:
 
     def read_record(self, name: str) -> tuple[dict[str, Any] | None, int]:
         try:
-            entry = json.loads(self._record_path(name).read_bytes())
+            entry = loads_json(self._record_path(name).read_bytes())
         except FileNotFoundError:
             return None, 0
         except (OSError, ValueError) as exc:

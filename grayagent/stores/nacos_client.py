@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import json
 import logging
 import os
 import random
@@ -24,6 +23,7 @@ from urllib.parse import urlencode
 import structlog
 from nacos import NacosClient
 
+from grayagent.docload import loads_json
 from grayagent.errors import GrayagentError, StoreError, UsageError
 from grayagent.stores.urls import NACOS_DEFAULT_GROUP, parse_store_url
 
@@ -172,7 +172,7 @@ class NacosHttp:
             raise StoreError(f"{self.url}: login as {self.config.user!r} refused (HTTP {status}): "
                              "wrong user or password")
         try:
-            data = json.loads(body)
+            data = loads_json(body)
             token = str(data["accessToken"])
             ttl = float(data.get("tokenTtl", 18000))
         except (ValueError, KeyError, TypeError):
