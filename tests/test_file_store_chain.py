@@ -171,3 +171,18 @@ def test_hostile_fleet_entries_and_request_lines_are_skipped_or_reported(tmp_pat
     assert "Traceback" not in done.stderr, done.stderr
     first, second = (json.loads(line) for line in done.stdout.splitlines())
     assert first == {"error": "-:1: invalid JSON: nested too deeply"} and second["upstream"] == "stable"
+
+
+@pytest.mark.parametrize("damage", ["delete the current version", "point current past the history"])
+def test_a_current_pointer_to_a_missing_version_fails_verify(tmp_path: Path, damage: str) -> None:
+    """No later version names the current one as its parent, so only the pointer can tell it is gone."""
+    store_dir, store = publish_three(tmp_path)
+    if damage.startswith("delete"):
+        version_file(store_dir, 3).unlink()
+    else:
+        (store_dir / "current").write_text("7\n")
+    missing = 3 if damage.startswith("delete") else 7
+    assert [str(b) for b in verify_chain(store)] == [
+        f"version {missing}: `current` points at version {missing}, which is missing"]
+    done = grayagent("history", "--verify", "--store", str(store_dir))
+    assert done.returncode == 1 and "intact" not in done.stdout, done.stdout
