@@ -161,7 +161,8 @@ class _YamlBuilder:
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or str(exc)
+            # A ReaderError (a control character) has no problem/mark and a str() over several lines.
+            problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
             raise InvalidDocument([Problem(self.source, "", f"invalid YAML{where}: {problem}")]) from None
         finally:
             loader.dispose()

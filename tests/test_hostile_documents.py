@@ -191,3 +191,13 @@ def test_random_yaml_and_json_only_ever_raise_invalid_document() -> None:
         for content in (doc.encode(), ("{" + doc).encode()):
             with contextlib.suppress(InvalidDocument):
                 parse_document(content, "f")
+
+
+@pytest.mark.parametrize("char", ["\x00", "\x07", "\x1b"])
+def test_a_control_character_in_yaml_is_one_line(tmp_path: Path, char: str) -> None:
+    """PyYAML's ReaderError has no mark, and its text spans two lines."""
+    path = tmp_path / "doc.yaml"
+    path.write_text(DOC_HEAD + f'metadata: {{name: "a{char}"}}\n' + SERVICE)
+    done = grayagent("validate", str(path))
+    assert done.returncode == 1 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(f"{path}: invalid YAML: unacceptable character")
