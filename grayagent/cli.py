@@ -303,6 +303,8 @@ def local_revert(version: int | None, config: str | None, state_dir: str | None,
     flags = {"state_dir": state_dir} if state_dir else {}
     options = agentrun.resolve_options(flags, config, need_target=version is not None)
     state = Path(str(options.state_dir))
+    if not state.is_dir():  # a mistyped path would list "no versions cached" and exit 0
+        raise UsageError(f"--state-dir: {state}: no such directory (the agent's state_dir)")
     if list_versions:
         versions = usecases.local_versions(state, options.store)
         _emit(output, versions, "\n".join(f"{v['version']:>7}  {v['created']:27}  {v['digest'][:19]}  "
@@ -562,6 +564,8 @@ def audit_show(state_dir: Path, output: str) -> None:
 @OUTPUT
 def audit_verify(state_dir: Path, output: str) -> None:
     """Check the hash chain; exit 1 if any entry was edited, removed or reordered."""
+    if not state_dir.is_dir():  # a mistyped path is a usage mistake, not a log that lost its entries
+        raise UsageError(f"--state-dir: {state_dir}: no such directory")
     problems = usecases.audit_verify(state_dir)
     _emit(output, {"intact": not problems, "problems": problems},
           "\n".join(problems) if problems else f"{StateDir(state_dir).audit}: intact")

@@ -78,3 +78,13 @@ def test_a_store_url_port_in_other_digits_is_a_usage_error(url: str) -> None:
     done = grayagent("history", "--store", url)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "is not host:port" in done.stderr
+
+
+@pytest.mark.parametrize("command", [["local-revert", "--list"], ["local-revert", "--unpin"], ["audit", "verify"]])
+def test_a_mistyped_state_dir_is_a_usage_error(tmp_path: Path, command: list[str]) -> None:
+    """local-revert --list said "no versions cached" with exit 0; audit verify reported a lost log."""
+    typo = tmp_path / "stat"
+    done = grayagent(*command, "--state-dir", str(typo))
+    assert done.returncode == 2, done
+    one_line_naming(done, typo)
+    assert not typo.exists()
