@@ -4,6 +4,7 @@ and prints; everything else happens here."""
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -107,6 +108,11 @@ def route_one(release: Release, service: str, request: Request) -> Decision:
     except KeyError:
         names = ", ".join(s.name for s in release.services)
         raise UsageError(f"--service: no service {service!r} (services: {names})") from None
+    if request.source_ip:
+        try:  # routing reads an unparsable address as "no address", which would answer a question not asked
+            ipaddress.ip_address(request.source_ip)
+        except ValueError:
+            raise UsageError(f"--source-ip: {request.source_ip!r} is not an IP address") from None
     return route(svc, request)
 
 
