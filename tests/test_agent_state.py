@@ -125,8 +125,10 @@ def test_local_revert_and_unpin_use_the_state_layout(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "GRAYAGENT_NGINX_CONF"}
     # --list and --unpin only read the state dir: no proxy options needed.
     done = grayagent("local-revert", "--unpin", "--state-dir", str(state.root), env=env)
-    assert (done.returncode, done.stdout) == (0, "nothing was pinned\n"), done
+    assert done.returncode == 2 and "no such directory" in done.stderr, done  # a mistyped path says so
     state.root.mkdir(exist_ok=True)
+    done = grayagent("local-revert", "--unpin", "--state-dir", str(state.root), env=env)
+    assert (done.returncode, done.stdout) == (0, "nothing was pinned\n"), done
     state.pin.write_text(json.dumps({"version": 1, "digest": "d"}))
     done = grayagent("local-revert", "--unpin", "--state-dir", str(state.root), env=env)
     assert done.stdout == "unpinned: the agent follows the store again\n" and not state.pin.exists()
