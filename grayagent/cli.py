@@ -20,7 +20,7 @@ from click.core import ParameterSource
 from grayagent import usecases
 from grayagent.cli_options import OUTPUT, default_author, emit, open_url, pairs, service_logging, store_option
 from grayagent.cli_rollout import rollout_group
-from grayagent.errors import GrayagentError, InvalidDocument, UsageError
+from grayagent.errors import GrayagentError, InvalidDocument
 from grayagent.rules.routing import Request
 from grayagent.runtime.state import StateDir
 from grayagent.stores import open_store, resolve_store_url
@@ -328,8 +328,10 @@ def audit_show(state_dir: Path, output: str) -> None:
             extra = f" error={entry['error']}" if entry.get("error") else ""
             extra += f" reason={entry['reason']}" if entry.get("reason") else ""
             steps = entry.get("steps_ms")
-            timing = " " + " ".join(f"{k}={v:.1f}ms" for k, v in steps.items()) if steps else ""
-            click.echo(f"{entry['seq']:>6} {entry['time']} {entry['event']:8} "
+            # An edited log may hold anything here: print what is printable (`audit verify` flags the edit).
+            timing = " " + " ".join(f"{k}={v:.1f}ms" for k, v in steps.items()
+                                    if isinstance(v, int | float)) if isinstance(steps, dict) and steps else ""
+            click.echo(f"{entry['seq']:>6} {entry.get('time', '-')} {entry.get('event', '-')!s:8} "
                        f"version={entry.get('version', '-')} result={entry.get('result', '-')}{timing}{extra}")
 
 
@@ -352,11 +354,7 @@ def audit_verify(state_dir: Path, output: str) -> None:
 @OUTPUT
 def audit_ack(state_dir: Path, reason: str, operator: str, output: str) -> None:
     """Acknowledge every gap recorded in the log (an audited `ack` entry); exit 1 when there is none."""
-    from grayagent.runtime.audit import AuditLog
-
-    if not (state_dir / "audit.jsonl").exists():
-        raise UsageError(f"--state-dir: {state_dir}: no audit log there")
-    entry = AuditLog(state_dir).acknowledge(reason, operator)
+    entry = usecases.audit_ack(state_dir, reason, operator)
     emit(output, entry, f"acknowledged gap(s) at seq {', '.join(str(g) for g in entry['gaps'])} "
                          f"with entry seq {entry['seq']}")
 

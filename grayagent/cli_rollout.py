@@ -68,8 +68,9 @@ def human_duration(seconds: float) -> str:
 
 def _step_text(text: str) -> str:
     """A step as recorded ("pause 300s") with a human duration ("pause 5m")."""
-    if text.startswith("pause ") and text.endswith("s") and text[6:-1].replace(".", "", 1).isdigit():
-        return f"pause {human_duration(float(text[6:-1]))}"
+    seconds = text[6:-1]
+    if text.startswith("pause ") and text.endswith("s") and seconds.isascii() and seconds.replace(".", "", 1).isdigit():
+        return f"pause {human_duration(float(seconds))}"
     return text
 
 

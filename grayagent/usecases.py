@@ -4,6 +4,7 @@ and prints; everything else happens here."""
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -12,6 +13,7 @@ from typing import Any
 
 from grayagent.errors import InvalidDocument, Problem, UsageError
 from grayagent.fsutil import atomic_write
+from grayagent.rules.docload import loads_json
 from grayagent.rules.model import Release, parse_document
 from grayagent.rules.routing import Decision, Request, route
 from grayagent.runtime import audit
@@ -106,6 +108,11 @@ def route_one(release: Release, service: str, request: Request) -> Decision:
     except KeyError:
         names = ", ".join(s.name for s in release.services)
         raise UsageError(f"--service: no service {service!r} (services: {names})") from None
+    if request.source_ip:
+        try:  # routing reads an unparsable address as "no address", which would answer a question not asked
+            ipaddress.ip_address(request.source_ip)
+        except ValueError:
+            raise UsageError(f"--source-ip: {request.source_ip!r} is not an IP address") from None
     return route(svc, request)
 
 
@@ -136,7 +143,7 @@ def route_batch(release: Release, lines: Iterable[str], source: str) -> Iterator
             continue
         where = f"{source}:{lineno}"
         try:
-            service, request = _request_from_json(json.loads(line), where)
+            service, request = _request_from_json(loads_json(line), where)
             yield route_one(release, service, request).as_dict()
         except ValueError as exc:
             yield {"error": f"{where}: invalid JSON: {exc}"}
@@ -144,7 +151,16 @@ def route_batch(release: Release, lines: Iterable[str], source: str) -> Iterator
             yield {"error": str(exc) if str(exc).startswith(where) else f"{where}: {exc}"}
 
 
+def _audit_log(state_dir: Path) -> StateDir:
+    """The state dir of an existing audit log; a mistyped path or a dir without a log is a usage mistake."""
+    state = StateDir(state_dir).existing()
+    if not state.audit.exists():
+        raise UsageError(f"--state-dir: {state_dir}: no audit log there")
+    return state
+
+
 def audit_entries(state_dir: Path) -> list[dict[str, Any]]:
+    _audit_log(state_dir)
     try:
         return audit.read_entries(state_dir)
     except FileNotFoundError:
@@ -154,7 +170,13 @@ def audit_entries(state_dir: Path) -> list[dict[str, Any]]:
 
 
 def audit_verify(state_dir: Path) -> list[str]:
-    return audit.verify(state_dir)
+    """Problems in the log's chain; a state dir that does not exist is a usage mistake, not a lost log."""
+    return audit.verify(StateDir(state_dir).existing().root)
+
+
+def audit_ack(state_dir: Path, reason: str, operator: str) -> dict[str, Any]:
+    """Acknowledge every gap recorded so far, with an audited `ack` entry."""
+    return audit.AuditLog(_audit_log(state_dir).root).acknowledge(reason, operator)
 
 
 def fleet_status(store: Store, min_agents: int = 1) -> dict[str, Any]:

@@ -93,6 +93,33 @@ def test_a_taken_status_port_names_its_config_key(tmp_path: Path) -> None:
         "Address already in use"]
 
 
+@pytest.mark.parametrize(("setting", "flag", "message"), [
+    ("status_listen: '127.0.0.1:99999'", "--status-listen=127.0.0.1:99999",
+     "status_listen (--status-listen, GRAYAGENT_STATUS_LISTEN or the config file): '127.0.0.1:99999' is not "
+     "HOST:PORT with a port from 0 to 65535"),
+    ("# the schema refuses it in the file; the flag has no schema", "--status-listen=localhost:\u00b2",
+     "status_listen (--status-listen, GRAYAGENT_STATUS_LISTEN or the config file): 'localhost:\u00b2' is not "
+     "HOST:PORT with a port from 0 to 65535"),
+    ("min_apply_interval: .nan", "--min-apply-interval=nan",
+     "min_apply_interval (--min-apply-interval, GRAYAGENT_MIN_APPLY_INTERVAL or the config file): nan is not a "
+     "finite number of seconds"),
+])
+def test_out_of_range_ports_and_nan_intervals_are_one_line(tmp_path: Path, setting: str, flag: str,
+                                                          message: str) -> None:
+    """A port over 65535 or in superscript digits was an OverflowError/ValueError traceback from bind();
+    NaN passes every range check of the flag types and the schema."""
+    (tmp_path / "store").mkdir()
+    config = tmp_path / "agent.yaml"
+    config.write_text(f"store: {tmp_path / 'store'}\nstate_dir: {tmp_path / 'state'}\n"
+                      f"nginx_conf: {tmp_path / 'ga.conf'}\n{setting}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRAYAGENT_")}
+    for argv in (["--config", str(config)], ["--config", str(config), "--once", flag]):
+        if setting.startswith("#") and flag not in argv:
+            continue
+        done = grayagent("agent", *argv, env=env)
+        assert done.returncode == 2 and done.stderr.splitlines() == [f"grayagent: {message}"], done.stderr
+
+
 def test_an_empty_etcd_prefix_is_nothing_published_yet(tmp_path: Path) -> None:
     with EtcdCluster(tmp_path / "etcd", size=1) as cluster:
         url = f"etcd://{cluster.endpoints[0]}/grayagent/empty"

@@ -149,3 +149,40 @@ def test_a_full_disk_leaves_no_torn_line_only_the_recorded_gap(tmp_path: Path) -
         assert [e["event"] for e in read_entries(state)] == ["start", "gap", "apply"]
         problems = verify(state)
         assert len(problems) == 1 and "gap at seq 2 (write_failed): lost=2" in problems[0], problems
+
+
+HOSTILE_LINES = {
+    "nested 100k deep": "[" * 100_000,
+    "seq is text": '{"seq": "x", "hash": "y"}',
+    "seq is a list": '{"seq": [1], "hash": "y"}',
+    "seq is infinite": '{"seq": 1e400, "hash": "y"}',
+    "ack with unhashable gaps": '{"seq": 3, "event": "ack", "gaps": [[1]]}',
+    "ack with gaps not a list": '{"seq": 3, "event": "ack", "gaps": 5}',
+    "steps and event of odd types": '{"seq": 3, "steps_ms": {"a": "b"}, "event": ["x"]}',
+}
+
+
+@pytest.mark.parametrize("line", HOSTILE_LINES.values(), ids=HOSTILE_LINES.keys())
+def test_a_hostile_line_is_reported_never_a_crash(tmp_path: Path, line: str) -> None:
+    """Anyone who can write the state dir can append anything: the agent's next append, verify and show
+    must report it in one line each, never die with a traceback (RecursionError, ValueError, TypeError)."""
+    audit = AuditLog(tmp_path)
+    audit.append("start")
+    audit.append("apply", version=1, result="ok")
+    with open(tmp_path / "audit.jsonl", "a") as f:
+        f.write(line + "\n")
+    audit.append("start")  # the agent's next start
+    code, out = _verify(tmp_path)
+    assert code == 1 and "Traceback" not in out and f"{tmp_path / 'audit.jsonl'}:3:" in out
+    shown = grayagent("audit", "show", "--state-dir", str(tmp_path))
+    assert "Traceback" not in shown.stderr and len(shown.stderr.strip().splitlines()) <= 1
+
+
+def test_a_hostile_head_is_a_gap_never_a_crash(tmp_path: Path) -> None:
+    audit = AuditLog(tmp_path)
+    audit.append("start")
+    (tmp_path / "audit.head").write_text("[" * 100_000)
+    code, out = _verify(tmp_path)
+    assert code == 1 and "audit.head: not valid JSON" in out
+    audit.append("start")
+    assert read_entries(tmp_path)[1]["reason"] == "head_missing"

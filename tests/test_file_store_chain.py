@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -142,3 +144,45 @@ def test_revert_replaces_a_damaged_current_version_but_never_republishes_one(tmp
     done = grayagent("publish", str(fix), "--store", str(store_dir))
     assert done.returncode == 0, done.stderr
     assert store.current() is not None and store.current().version == 5
+
+
+@pytest.mark.parametrize("hostile", ["[" * 100_000, '{"content": "' + "x" * 10 + '", "version": ' + "[" * 100_000])
+def test_a_version_file_nested_100k_deep_is_one_line_never_a_traceback(tmp_path: Path, hostile: str) -> None:
+    """json.loads raises RecursionError, which every `except ValueError` around it missed."""
+    store_dir, _store = publish_three(tmp_path)
+    version_file(store_dir, 2).write_text(hostile)
+    for command in (["history", "--verify"], ["show", "2"], ["revert", "2"]):
+        done = grayagent(*command, "--store", str(store_dir))
+        assert done.returncode == 1 and "Traceback" not in done.stderr, (command, done.stderr)
+        assert str(version_file(store_dir, 2)) in done.stderr.strip().splitlines()[-1]
+    assert (store_dir / "current").read_text().strip() == "3", "nothing published"
+
+
+def test_hostile_fleet_entries_and_request_lines_are_skipped_or_reported(tmp_path: Path) -> None:
+    store_dir, _store = publish_three(tmp_path)
+    (store_dir / "agents").mkdir(exist_ok=True)
+    (store_dir / "agents" / "deep.json").write_text("[" * 100_000)
+    (store_dir / "agents" / "odd.json").write_text('{"expires_unix": [1]}')
+    done = grayagent("status", "--store", str(store_dir))
+    assert "Traceback" not in done.stderr and "0 agents reporting" in done.stdout, done.stderr
+    lines = "[" * 100_000 + "\n" + json.dumps({"service": "product"}) + "\n"
+    done = subprocess.run([sys.executable, "-m", "grayagent.cli", "route", "--store", str(store_dir),
+                           "--requests", "-"], input=lines, capture_output=True, text=True, check=False)
+    assert "Traceback" not in done.stderr, done.stderr
+    first, second = (json.loads(line) for line in done.stdout.splitlines())
+    assert first == {"error": "-:1: invalid JSON: nested too deeply"} and second["upstream"] == "stable"
+
+
+@pytest.mark.parametrize("damage", ["delete the current version", "point current past the history"])
+def test_a_current_pointer_to_a_missing_version_fails_verify(tmp_path: Path, damage: str) -> None:
+    """No later version names the current one as its parent, so only the pointer can tell it is gone."""
+    store_dir, store = publish_three(tmp_path)
+    if damage.startswith("delete"):
+        version_file(store_dir, 3).unlink()
+    else:
+        (store_dir / "current").write_text("7\n")
+    missing = 3 if damage.startswith("delete") else 7
+    assert [str(b) for b in verify_chain(store)] == [
+        f"version {missing}: `current` points at version {missing}, which is missing"]
+    done = grayagent("history", "--verify", "--store", str(store_dir))
+    assert done.returncode == 1 and "intact" not in done.stdout, done.stdout

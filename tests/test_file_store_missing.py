@@ -56,3 +56,35 @@ def test_a_store_path_that_is_a_file_is_refused(tmp_path: Path, doc: Path) -> No
     not_dir.write_text("")
     one_line_naming(grayagent("history", "--store", str(not_dir)), not_dir)
     one_line_naming(grayagent("publish", str(doc), "--store", str(not_dir)), not_dir)
+
+
+@pytest.mark.parametrize("pointer", [b"\xc2\xb2", b"\xff", "\uff11".encode(), b"1\x00"])
+def test_a_current_pointer_that_is_not_an_ascii_number_is_one_line(tmp_path: Path, doc: Path, pointer: bytes) -> None:
+    """`current` written by another tool (a superscript two, a fullwidth one, not UTF-8) was a
+    UnicodeDecodeError or int() ValueError traceback."""
+    store = tmp_path / "store"
+    assert grayagent("publish", str(doc), "--store", str(store), "--create").returncode == 0
+    (store / "current").write_bytes(pointer)
+    for command in (["status"], ["show"], ["history", "--verify"]):
+        done = grayagent(*command, "--store", str(store))
+        assert "Traceback" not in done.stderr, (command, done.stderr)
+        if command[0] != "history":
+            one_line_naming(done, store / "current")
+
+
+@pytest.mark.parametrize("url", ["etcd://127.0.0.1:\u00b2/x", "etcd://127.0.0.1:\uff12\uff13\uff17\uff19/x",
+                                 "nacos://127.0.0.1:\u00b2/x"])
+def test_a_store_url_port_in_other_digits_is_a_usage_error(url: str) -> None:
+    done = grayagent("history", "--store", url)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "is not host:port" in done.stderr
+
+
+@pytest.mark.parametrize("command", [["local-revert", "--list"], ["local-revert", "--unpin"], ["audit", "verify"]])
+def test_a_mistyped_state_dir_is_a_usage_error(tmp_path: Path, command: list[str]) -> None:
+    """local-revert --list said "no versions cached" with exit 0; audit verify reported a lost log."""
+    typo = tmp_path / "stat"
+    done = grayagent(*command, "--state-dir", str(typo))
+    assert done.returncode == 2, done
+    one_line_naming(done, typo)
+    assert not typo.exists()

@@ -48,6 +48,19 @@ def test_servers_that_read_as_sockets_or_odd_ipv4_are_refused(tmp_path: Path, se
     assert server.split(":")[0] in out
 
 
+@pytest.mark.parametrize(("listen", "server", "field"), [
+    (18080, "127.0.0.1:\uff19\uff10\uff10\uff12", "spec.services[0].upstreams.stable.servers[1]"),
+    ("127.0.0.1:\uff18\uff10\uff18\uff10", "127.0.0.1:9002", "spec.services[0].listen"),
+    ("\u0968\u0966\u0966\u0966", "127.0.0.1:9002", "spec.services[0].listen"),
+])
+def test_ports_in_digits_other_than_ascii_are_refused(tmp_path: Path, listen: int | str, server: str,
+                                                      field: str) -> None:
+    """Python's \\d and int() read fullwidth or Devanagari digits as a port; nginx does not, and the raw
+    text reached its config, so every agent failed its apply on a document that validated."""
+    doc = document(service(listen=listen, servers={"stable": ["127.0.0.1:9001", server]}))
+    _refused(tmp_path, "doc.json", dump(doc), field)
+
+
 def test_deep_json_and_yaml_are_refused_not_a_recursion_error(tmp_path: Path) -> None:
     deep = b"[" * 5000 + b"]" * 5000
     out = _refused(tmp_path, "deep.json", b'{"metadata": ' + deep + b"}", "")
@@ -178,3 +191,13 @@ def test_random_yaml_and_json_only_ever_raise_invalid_document() -> None:
         for content in (doc.encode(), ("{" + doc).encode()):
             with contextlib.suppress(InvalidDocument):
                 parse_document(content, "f")
+
+
+@pytest.mark.parametrize("char", ["\x00", "\x07", "\x1b"])
+def test_a_control_character_in_yaml_is_one_line(tmp_path: Path, char: str) -> None:
+    """PyYAML's ReaderError has no mark, and its text spans two lines."""
+    path = tmp_path / "doc.yaml"
+    path.write_text(DOC_HEAD + f'metadata: {{name: "a{char}"}}\n' + SERVICE)
+    done = grayagent("validate", str(path))
+    assert done.returncode == 1 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(f"{path}: invalid YAML: unacceptable character")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import collections
 import random
+from pathlib import Path
 
 from grayagent.rules.model import Split, parse_document
 from grayagent.rules.routing import SPLIT_RANGE, Request, field_value, murmur2, pick_part, route, split_parts
+from tests.agenthelp import grayagent
 from tests.docs import document, dump, service
 
 
@@ -108,3 +110,14 @@ def test_repeated_cookie_headers_are_joined_like_nginx() -> None:
     assert field_value(Field("cookie", "uid"), req) == "2"
     assert field_value(Field("header", "x-forwarded-for"), req) == "1.1.1.1, 2.2.2.2"
     assert field_value(Field("header", "x-a"), req) == "first"
+
+
+def test_route_refuses_a_source_ip_that_is_not_an_address(tmp_path: Path) -> None:
+    """It was read as "no address" and answered with the default upstream, silently."""
+    doc = tmp_path / "doc.json"
+    doc.write_bytes(dump(document(service(rules=[{"name": "office", "match": {"sourceCIDRs": ["10.0.0.0/8"]},
+                                                   "to": "canary"}]))))
+    done = grayagent("route", "--file", str(doc), "--service", "product", "--source-ip", "10.1.2.3.4")
+    assert done.returncode == 2 and done.stderr.strip() == "grayagent: --source-ip: '10.1.2.3.4' is not an IP address"
+    assert grayagent("route", "--file", str(doc), "--service", "product", "--source-ip", "10.1.2.3").stdout.startswith(
+        "upstream=canary")

@@ -16,7 +16,6 @@ hosts to an allow-list (`check_metrics_host`).
 from __future__ import annotations
 
 import ipaddress
-import json
 import math
 import socket
 import urllib.parse
@@ -26,6 +25,7 @@ from typing import Any, Protocol
 
 from grayagent.errors import StoreError, UsageError
 from grayagent.rollout.analysis import Measurement, measurement_from_counters
+from grayagent.rules.docload import loads_json
 from grayagent.rules.model import Analysis, PrometheusQueries, link_local_url
 from grayagent.stores.base import FleetStatus
 
@@ -129,7 +129,7 @@ def parse_metrics_hosts(entries: Iterable[str]) -> frozenset[tuple[str, int | No
             port = rest[1:] if rest.startswith(":") else rest
         elif entry.count(":") == 1:
             host, port = entry.split(":")
-        if not host or (port and not (port.isdigit() and 0 < int(port) < 65536)):
+        if not host or (port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536)):
             raise UsageError(f"--metrics-host: {raw!r} is not HOST or HOST:PORT")
         out.add((host, int(port) if port else None))
     return frozenset(out)
@@ -181,7 +181,7 @@ class PrometheusSource:
             raise StoreError(f"prometheus {where}: resolves to the link-local address {address}; refused")
         try:
             with _OPENER.open(url, timeout=self.timeout) as response:
-                body = json.loads(response.read())
+                body = loads_json(response.read())
         except (OSError, ValueError) as exc:
             raise StoreError(f"prometheus {redact_url(self.queries.url)}: {exc}") from None
         return parse_query_result(body)

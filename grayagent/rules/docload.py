@@ -82,6 +82,16 @@ def json_depth(text: str) -> int:
     return max(itertools.accumulate(map(_STEP.__getitem__, brackets)), default=0)
 
 
+def loads_json(raw: bytes | str) -> Any:
+    """json.loads for text another tool or person may have written (a store entry, a state file, a request
+    line): nesting deep enough to exhaust Python's stack is a ValueError like any other bad JSON, not a
+    RecursionError that every caller's `except ValueError` misses."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def _json_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
@@ -151,7 +161,8 @@ class _YamlBuilder:
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or str(exc)
+            # A ReaderError (a control character) has no problem/mark and a str() over several lines.
+            problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
             raise InvalidDocument([Problem(self.source, "", f"invalid YAML{where}: {problem}")]) from None
         finally:
             loader.dispose()

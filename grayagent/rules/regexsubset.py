@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import itertools
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -90,7 +91,9 @@ def check_portable_regex(pattern: str) -> str | None:
     if flags & ~_ALLOWED_FLAGS:
         return "only the inline flags i, m and s are portable"
     ignore_case = bool(flags & re.IGNORECASE) or re.search(r"\(\?[a-z]*i[a-z-]*[:)]", pattern) is not None
-    error = _walk(parsed) or _Backtracking(ignore_case, "|" in pattern).problem(list(parsed))
+    backtracking = _Backtracking(ignore_case, "|" in pattern)
+    error = _walk(parsed) or backtracking.problem(list(parsed)) or backtracking.duplicate_alternatives(pattern) \
+        or backtracking.adjacent_overlap(list(parsed))
     if error is None:
         try:
             compile_portable(pattern)
@@ -117,6 +120,70 @@ _REPEATS = (_c.MAX_REPEAT, _c.MIN_REPEAT)
 BACKTRACKING = ("ambiguous repetition: {what} inside a repeat lets one text split in exponentially many ways, "
                 "so nginx's PCRE would backtrack for seconds on a near miss; make each repetition start or end "
                 "with a character the inner part cannot match, e.g. ([a-z]+\\.)+ (see docs/rules.md)")
+
+
+OVERLAP = ("overlapping repetition: two unbounded repeats in a row can take the same characters, so a run of "
+           "them splits between the repeats in many ways and nginx's PCRE backtracks for seconds on a long "
+           "near miss; merge them or separate them with a character only one can match, e.g. [a-z][a-z0-9]* "
+           "(see docs/rules.md)")
+
+
+def _alternations(pattern: str) -> Iterator[tuple[list[str], bool]]:
+    """Each group's branch texts split on its top-level '|', and whether the group (or one around it) is
+    under a repeat that may run twice or more. Escapes and classes are skipped, as the parser reads them."""
+    groups: list[tuple[int, int, list[str], bool]] = []  # (start, end, branches, quantified)
+    stack: list[tuple[int, int, list[int]]] = []  # (open paren, content start, bar positions)
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == "[":
+            i += 2 if pattern.startswith("[^", i) else 1
+            i += 1 if pattern.startswith("]", i) else 0
+            while i < len(pattern) and pattern[i] != "]":
+                i += 2 if pattern[i] == "\\" else 1
+        elif ch == "(":
+            start = i + 1
+            if pattern.startswith("?", start):
+                close = min((k for k in (pattern.find(":", start), pattern.find(">", start), pattern.find(")", start))
+                             if k != -1), default=len(pattern))
+                start = close + 1 if pattern[close] != ")" else close
+            stack.append((i, start, []))
+        elif ch == "|" and stack:
+            stack[-1][2].append(i)
+        elif ch == ")" and stack:
+            opened, start, bars = stack.pop()
+            cuts = [start - 1, *bars, i]
+            branches = [pattern[a + 1:b] for a, b in itertools.pairwise(cuts)]
+            groups.append((opened, i, branches, _repeats_again(pattern, i + 1)))
+        i += 1
+    for start, end, branches, _quantified in groups:
+        if len(branches) > 1:
+            yield branches, any(q and s <= start and end <= e for s, e, _b, q in groups)
+
+
+def _inline_groups(items: list[Any]) -> list[Any]:
+    """A sequence with its groups' contents spliced in: (a*)(b)c and a*bc are the same concatenation."""
+    out: list[Any] = []
+    for op, arg in items:
+        if op == _c.SUBPATTERN:
+            out += _inline_groups(list(arg[3]))
+        else:
+            out.append((op, arg))
+    return out
+
+
+def _repeats_again(pattern: str, at: int) -> bool:
+    """Whether the quantifier at `at` (if any) lets the item before it run twice or more."""
+    if pattern.startswith(("*", "+"), at):
+        return True
+    counts = re.match(r"\{(\d+)(,(\d*))?\}", pattern[at:])
+    if counts is None:
+        return False
+    high = counts.group(3) if counts.group(2) else counts.group(1)
+    return high == "" or int(high) >= 2
 
 
 class _Backtracking:
@@ -153,6 +220,73 @@ class _Backtracking:
                 error = None
             if error:
                 return error
+        return None
+
+    def duplicate_alternatives(self, pattern: str) -> str | None:
+        """Alternatives under a repeat that can match one same text character by character: (a|a)*, (a|[a])*,
+        ([ab]|[bc])*, (ab|a[b])*. Each iteration then has two paths, so n iterations have 2^n.
+
+        Python's parser hides these (it factors common prefixes out and merges one-character branches into
+        a deduplicated class), while PCRE keeps every branch; so the branches are read from the text.
+        """
+        for branches, repeated in _alternations(pattern):
+            if not repeated:
+                continue
+            parsed = []
+            for text in branches:
+                try:
+                    parsed.append([self.atom(item) for item in _p.parse(text.encode("ascii"), 0)])
+                except re.error:
+                    return None  # a branch that does not parse alone (a flag group); the whole was parsed above
+            for i, a in enumerate(parsed):
+                for b in parsed[i + 1:]:
+                    if len(a) == len(b) and all(x and y and x & y for x, y in zip(a, b, strict=True)):
+                        return BACKTRACKING.format(what="alternatives that can match the same text")
+        return None
+
+    def adjacent_overlap(self, items: list[Any]) -> str | None:
+        """Two unbounded repeats in a row that can take the same character, with nothing between them that
+        needs another: \\d*\\d*x, ^[a-z]+[a-z0-9]*$, .*a.*$. A run of that character splits between them in n
+        ways (n^k for k such repeats), times n start positions: measured, \\d*\\d*x on a header of 8,000
+        digits cost PCRE 28 s."""
+        if self._overlap_in_row(items):
+            return OVERLAP
+        for op, arg in items:
+            sub: list[list[Any]] = []
+            if op in _REPEATS:
+                sub = [list(arg[2])]
+                # One iteration's end meets the next one's start: (\\s*,\\s*)* reads as \\s*,\\s*\\s*,\\s*.
+                if arg[1] >= 2 and self._overlap_in_row(sub[0] * 2):
+                    return OVERLAP
+            elif op == _c.SUBPATTERN:
+                sub = [list(arg[3])]
+            elif op == _c.BRANCH:
+                sub = [list(b) for b in arg[1]]
+            for seq in sub:
+                if error := self.adjacent_overlap(seq):
+                    return error
+        return None
+
+    def _overlap_in_row(self, sequence: list[Any]) -> bool:
+        items = _inline_groups(sequence)
+        for i, item in enumerate(items):
+            first = self._unbounded_chars(item)
+            if not first:
+                continue
+            for j in range(i + 1, len(items)):
+                second = self._unbounded_chars(items[j])
+                if second and any(self.can_cover(items[i + 1:j], frozenset((c,))) for c in first & second):
+                    return True
+                if not self.can_cover(items[i + 1:j + 1], first):
+                    break
+        return False
+
+    def _unbounded_chars(self, item: Any) -> Chars | None:
+        op, arg = item
+        if op in _REPEATS and arg[1] == _c.MAXREPEAT:
+            return self.chars(list(arg[2]))
+        if op == _c.SUBPATTERN and len(arg[3]) == 1:
+            return self._unbounded_chars(next(iter(arg[3])))
         return None
 
     def _ambiguous_iteration(self, body: list[Any]) -> str | None:

@@ -154,7 +154,8 @@ def reserved_listen_problems(release: Release, source: str, reserved: dict[str, 
     status and verify listens). The document cannot know them, so the agent, which does, asks."""
     problems: list[Problem] = []
     for flag, address in reserved.items():
-        taken = parse_listen(address) if address.rpartition(":")[2].isdigit() else None
+        port = address.rpartition(":")[2]
+        taken = parse_listen(address) if port.isascii() and port.isdigit() else None
         if taken is None:
             continue
         for i, svc in enumerate(release.services):

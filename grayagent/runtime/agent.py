@@ -18,7 +18,6 @@ Guarantees:
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 import socket
 import threading
@@ -31,6 +30,7 @@ from typing import Any
 import structlog
 
 from grayagent.errors import GrayagentError, InvalidDocument
+from grayagent.rules.docload import loads_json
 from grayagent.rules.model import parse_document, reserved_listen_problems
 from grayagent.runtime.agentstatus import AgentStatus, StatusKeeper, StatusReporter
 from grayagent.runtime.audit import AuditLog
@@ -66,7 +66,7 @@ class AgentSettings:
 def read_pin(state_dir: Path) -> dict[str, Any] | None:
     """The break-glass pin written by `grayagent local-revert`: while it exists the store is not followed."""
     try:
-        pin = json.loads(StateDir(state_dir).pin.read_bytes())
+        pin = loads_json(StateDir(state_dir).pin.read_bytes())
     except (OSError, ValueError):
         return None
     return pin if isinstance(pin, dict) else None

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import math
 import os
 import signal
 import socket
@@ -126,6 +127,24 @@ def _env_value(key: str, raw: str) -> Any:
     return raw
 
 
+def _where(key: str) -> str:
+    return f"{key} (--{key.replace('_', '-')}, GRAYAGENT_{key.upper()} or the config file)"
+
+
+def _check_values(options: AgentOptions) -> None:
+    """Values the flag types and the config schema let through: NaN and infinity pass every range check
+    (and time.sleep(nan) raises), and a port must be ASCII digits in 0-65535 before anything binds it."""
+    for key in ("min_apply_interval", "status_interval"):
+        value = getattr(options, key)
+        if not math.isfinite(value):
+            raise UsageError(f"{_where(key)}: {value} is not a finite number of seconds")
+    for key in ("status_listen", "verify_listen"):
+        address: str = getattr(options, key)
+        host, _, port = address.rpartition(":")
+        if not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+            raise UsageError(f"{_where(key)}: {address!r} is not HOST:PORT with a port from 0 to 65535")
+
+
 def resolve_options(flags: Mapping[str, Any], config_path: str | None,
                     environ: Mapping[str, str] = os.environ, need_target: bool = True) -> AgentOptions:
     """Merge the four sources; `flags` holds only the options given on the command line. Without
@@ -137,12 +156,14 @@ def resolve_options(flags: Mapping[str, Any], config_path: str | None,
             merged[key] = _env_value(key, env)
     merged.update({k: v for k, v in flags.items() if v is not None})
     options = AgentOptions(**merged)
+    _check_values(options)
     if not options.state_dir:
         raise UsageError("--state-dir is required (flag, GRAYAGENT_STATE_DIR, or state_dir in the config file)")
     if not need_target:
         return options
     if options.target == "nginx" and not options.nginx_conf:
-        raise UsageError("--nginx-conf is required with --target nginx")
+        raise UsageError("--nginx-conf is required with --target nginx (flag, GRAYAGENT_NGINX_CONF, or nginx_conf "
+                         "in the config file)")
     if options.nginx_mode not in ("reload", "dynamic"):
         raise UsageError(f"--nginx-mode {options.nginx_mode}: use reload or dynamic")
     if options.target == "envoy" and not options.envoy_dir:

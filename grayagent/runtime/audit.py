@@ -32,6 +32,7 @@ import structlog
 
 from grayagent.errors import GrayagentError
 from grayagent.fsutil import RENDERED_MODE, atomic_write
+from grayagent.rules.docload import loads_json
 from grayagent.runtime.state import StateDir
 from grayagent.stores.base import utc_now
 
@@ -58,10 +59,16 @@ def entry_hash(entry: dict[str, Any]) -> str:
     return hashlib.sha256(_canonical({k: v for k, v in entry.items() if k != "hash"})).hexdigest()
 
 
+def _is_entry(value: Any) -> bool:
+    """A dict whose seq is a whole number: what the chain arithmetic (seq + 1) can work with."""
+    seq = value.get("seq") if isinstance(value, dict) else None
+    return isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0
+
+
 def _read_head(path: Path) -> dict[str, Any] | None:
     """The head's {"seq", "hash"}; None when missing or unreadable."""
     try:
-        head = json.loads(path.read_bytes())
+        head = loads_json(path.read_bytes())
     except (FileNotFoundError, ValueError):
         return None
     return head if isinstance(head, dict) else None
@@ -96,10 +103,11 @@ def _mark(entry: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def _open_gaps(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Gap entries that no later ack lists."""
-    acked: set[Any] = set()
+    acked: set[int] = set()
     for entry in entries:
-        if entry.get("event") == ACK_EVENT:
-            acked.update(entry.get("gaps") or [])
+        gaps = entry.get("gaps")
+        if entry.get("event") == ACK_EVENT and isinstance(gaps, list):
+            acked.update(g for g in gaps if isinstance(g, int))
     return [e for e in entries if e.get("event") == GAP_EVENT and e.get("seq") not in acked]
 
 
@@ -123,11 +131,11 @@ class AuditLog:
             if not raw.strip():
                 continue
             try:
-                last = json.loads(raw)
+                last = loads_json(raw)
             except ValueError:
                 continue
-            if isinstance(last, dict):
-                return last
+            if _is_entry(last):
+                return dict(last)
         return None
 
     def _write(self, fd: int, tail: dict[str, Any] | None, event: str, fields: dict[str, Any]) -> dict[str, Any]:
@@ -210,21 +218,28 @@ def _readable_entries(path: Path) -> list[dict[str, Any]]:
         return out
     for raw in lines:
         try:
-            entry = json.loads(raw)
+            entry = loads_json(raw)
         except ValueError:
             continue
-        if isinstance(entry, dict):
+        if _is_entry(entry):
             out.append(entry)
     return out
 
 
 def read_entries(state_dir: Path) -> list[dict[str, Any]]:
+    """Every entry; ValueError naming the line when one is not an entry (`audit verify` says more)."""
     path = StateDir(state_dir).audit
     out = []
     with open(path, "rb") as f:
-        for raw in f:
+        for lineno, raw in enumerate(f, 1):
             if raw.strip():
-                out.append(json.loads(raw))
+                try:
+                    entry = loads_json(raw)
+                except ValueError as exc:
+                    raise ValueError(f"line {lineno}: {exc}") from None
+                if not _is_entry(entry):
+                    raise ValueError(f"line {lineno} is not an audit entry")
+                out.append(entry)
     return out
 
 
@@ -256,12 +271,12 @@ def verify(state_dir: Path) -> list[str]:
         if not raw.strip():
             continue
         try:
-            entry = json.loads(raw)
+            entry = loads_json(raw)
         except ValueError:
             problems.append(f"{path}:{lineno}: not valid JSON")
             continue
-        if not isinstance(entry, dict):
-            problems.append(f"{path}:{lineno}: not an entry")
+        if not _is_entry(entry):
+            problems.append(f"{path}:{lineno}: not an entry (its seq is not a whole number)")
             continue
         entries.append((lineno, entry))
         if entry.get("hash") != entry_hash(entry):
@@ -271,7 +286,7 @@ def verify(state_dir: Path) -> list[str]:
                             "(an entry was removed, inserted or reordered)")
         if entry.get("seq") != seq + 1:
             problems.append(f"{path}:{lineno}: sequence jumps from {seq} to {entry.get('seq')}")
-        prev, seq = str(entry.get("hash")), int(entry.get("seq", seq + 1))
+        prev, seq = str(entry.get("hash")), entry["seq"]
     open_gaps = {id(g) for g in _open_gaps([e for _, e in entries])}
     problems += [_describe_gap(path, lineno, e) for lineno, e in entries if id(e) in open_gaps]
     head_path = state.audit_head

@@ -65,6 +65,12 @@ def verify_chain(store: Store) -> list[ChainBreak]:
             breaks.append(ChainBreak(number, frozenset({number}),
                                      f"has no parent_digest but its parent, version {meta.parent}, is chained: "
                                      f"version {number} was rewritten"))
+    current = store.current_number()
+    if current and current not in records and not any(b.version == current for b in breaks):
+        # The pointer names a version the history lacks (deleted, or the pointer edited): the agents
+        # cannot apply it, and nothing above noticed, because no later version names it as a parent.
+        breaks.append(ChainBreak(current, frozenset({current}),
+                                 f"`current` points at version {current}, which is missing"))
     return sorted(breaks, key=lambda b: b.version)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 
 from grayagent.errors import StoreError, VersionNotFound
+from grayagent.rules.docload import loads_json
 from grayagent.stores.base import VersionMeta, VersionRecord, digest_of
 
 log = structlog.get_logger("grayagent.stores")
@@ -76,7 +77,7 @@ def decode(data: dict[str, Any], where: str, version: int | None = None) -> Vers
 def loads(raw: bytes | str, where: str, version: int | None = None) -> VersionRecord:
     """decode() of raw JSON text; not JSON, or not an envelope, is a StoreError."""
     try:
-        data = json.loads(raw)
+        data = loads_json(raw)
     except ValueError as exc:
         raise DamagedVersion(f"{where}: unreadable version entry: {exc}") from None
     if not is_envelope(data):

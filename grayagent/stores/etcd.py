@@ -34,6 +34,7 @@ from typing import Any
 from pyetcd.etcdrpc import rpc_pb2 as pb
 
 from grayagent.errors import Conflict, StoreError, VersionNotFound
+from grayagent.rules.docload import loads_json
 from grayagent.stores import envelope
 from grayagent.stores.base import (
     Leadership,
@@ -74,14 +75,14 @@ class EtcdStore:
         if not response.kvs:
             return 0
         text = response.kvs[0].value.decode("ascii", "replace").strip()
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):
             raise StoreError(f"{self.url}: {self.prefix}current holds {text[:20]!r}, not a version number")
         return int(text)
 
     def _decode(self, version: int, kv: Any) -> VersionRecord:
         raw: bytes = kv.value
         try:
-            data = json.loads(raw)
+            data = loads_json(raw)
         except ValueError:
             data = None
         if envelope.is_envelope(data):
@@ -111,8 +112,8 @@ class EtcdStore:
         response = self._range(self.prefix + "versions/", prefix=True)
         records = []
         for kv in response.kvs:
-            name = kv.key.decode().rsplit("/", 1)[-1]
-            if name.isdigit():
+            name = kv.key.decode("utf-8", "replace").rsplit("/", 1)[-1]
+            if name.isascii() and name.isdigit():  # a key another tool wrote, e.g. versions/², is not ours
                 records.append(self._decode(int(name), kv).meta)
         return sorted(records, key=lambda m: m.version)
 
@@ -125,7 +126,8 @@ class EtcdStore:
         parent_digest = envelope.parent_link(self.get, expected)
         for _ in range(10):
             existing = self._range(self.prefix + "versions/", prefix=True, keys_only=True)
-            numbers = [int(n) for kv in existing.kvs if (n := kv.key.decode().rsplit("/", 1)[-1]).isdigit()]
+            numbers = [int(n) for kv in existing.kvs
+                       if (n := kv.key.decode("utf-8", "replace").rsplit("/", 1)[-1]).isascii() and n.isdigit()]
             number = max([expected, *numbers]) + 1
             meta = VersionMeta(number, expected, utc_now(), author, message, digest_of(content), parent_digest)
             entry = envelope.encode(meta, content, publish_id=nonce)
@@ -165,7 +167,7 @@ class EtcdStore:
         if not response.kvs:
             return False
         try:
-            return bool(json.loads(response.kvs[0].value).get("publish_id") == nonce)
+            return bool(loads_json(response.kvs[0].value).get("publish_id") == nonce)
         except ValueError:
             return False
 
@@ -196,7 +198,7 @@ class EtcdStore:
         if not response.kvs:
             return None, 0
         try:
-            record: dict[str, Any] = json.loads(response.kvs[0].value)
+            record: dict[str, Any] = loads_json(response.kvs[0].value)
         except ValueError:
             raise StoreError(f"{self.url}: rollouts/{name}: not JSON") from None
         return record, int(response.kvs[0].mod_revision)

@@ -11,6 +11,7 @@ from pyetcd.etcdrpc import rpc_pb2 as pb
 from pyetcd.etcdrpc import rpc_pb2_grpc as pbg
 
 from grayagent.errors import StoreError
+from grayagent.rules.docload import loads_json
 from grayagent.stores.etcd_client import EtcdClient
 
 log = structlog.get_logger("grayagent.etcd")
@@ -66,7 +67,7 @@ class EtcdFleetStatus:
         out = []
         for kv in response.kvs:
             try:
-                entry = json.loads(kv.value)
+                entry = loads_json(kv.value)
             except ValueError:
                 continue
             if isinstance(entry, dict):

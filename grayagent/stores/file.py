@@ -25,6 +25,7 @@ from urllib.parse import unquote, urlsplit
 
 from grayagent.errors import Conflict, StoreError, UsageError, VersionNotFound
 from grayagent.fsutil import atomic_write, create_exclusive
+from grayagent.rules.docload import loads_json
 from grayagent.stores import envelope
 from grayagent.stores.base import (
     Leadership,
@@ -80,12 +81,12 @@ class FileStore:
 
     def _read_current_number(self) -> int:
         try:
-            text = self.current_path.read_text("ascii").strip()
+            text = self.current_path.read_bytes().decode("ascii", "replace").strip()
         except FileNotFoundError:
             return 0  # a store directory that does not exist yet is empty; the first publish creates it
         except OSError as exc:
             raise StoreError(f"{self.url}: {exc.strerror}") from None
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):
             raise StoreError(f"{self.current_path}: not a version number")
         return int(text)
 
@@ -94,7 +95,7 @@ class FileStore:
 
     def _load(self, path: Path) -> dict[str, Any]:
         try:
-            data = json.loads(path.read_bytes())
+            data = loads_json(path.read_bytes())
         except FileNotFoundError:
             raise
         except OSError as exc:
@@ -125,7 +126,7 @@ class FileStore:
     def _version_files(self) -> Iterator[Path]:
         if not self.versions_dir.is_dir():
             return iter(())
-        return (p for p in self.versions_dir.glob("*.json") if p.stem.isdigit())
+        return (p for p in self.versions_dir.glob("*.json") if p.stem.isascii() and p.stem.isdigit())
 
     def history(self) -> list[VersionMeta]:
         metas = [envelope.meta_of(self._load(p), str(p)) for p in self._version_files()]
@@ -229,8 +230,8 @@ class FileStore:
         now = time.time()
         out = []
         for path in sorted((self.root / "agents").glob("*.json")):
-            with contextlib.suppress(OSError, ValueError):
-                entry = json.loads(path.read_bytes())
+            with contextlib.suppress(OSError, ValueError, TypeError):  # TypeError: expires_unix edited to a list
+                entry = loads_json(path.read_bytes())
                 if isinstance(entry, dict) and float(entry.get("expires_unix", 0)) > now:
                     out.append(entry)
         return out
@@ -242,7 +243,7 @@ class FileStore:
 
     def read_record(self, name: str) -> tuple[dict[str, Any] | None, int]:
         try:
-            entry = json.loads(self._record_path(name).read_bytes())
+            entry = loads_json(self._record_path(name).read_bytes())
         except FileNotFoundError:
             return None, 0
         except (OSError, ValueError) as exc:

@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import re
 import threading
 import time
@@ -68,6 +67,7 @@ from typing import Any
 import structlog
 
 from grayagent.errors import Conflict, StoreError, VersionNotFound
+from grayagent.rules.docload import loads_json
 from grayagent.stores import envelope
 from grayagent.stores.base import VersionMeta, VersionRecord, WatchHandler, digest_of, utc_now
 from grayagent.stores.nacos_client import (
@@ -117,7 +117,7 @@ class NacosStore:
         if text is None:
             return 0
         value = text.strip()
-        if not value.isdigit():
+        if not (value.isascii() and value.isdigit()):
             raise StoreError(f"{self.url}: {self.pointer_id} holds {value[:20]!r}, not a version number")
         return int(value)
 
@@ -126,7 +126,7 @@ class NacosStore:
 
     def _decode(self, version: int, raw: str) -> VersionRecord:
         try:
-            data = json.loads(raw)
+            data = loads_json(raw)
         except ValueError:
             data = None
         if envelope.is_envelope(data):
@@ -202,7 +202,7 @@ class NacosStore:
                 params["namespaceId"] = self.config.namespace
             status, body = self._conn.http.call("GET", "/v3/admin/cs/config/list", params=params, what="list versions")
             try:
-                data: Any = json.loads(body)["data"] if status == 200 else None
+                data: Any = loads_json(body)["data"] if status == 200 else None
                 items = list(data["pageItems"] or [])
                 pages = int(data.get("pagesAvailable") or 1)
             except (ValueError, KeyError, TypeError):
@@ -363,7 +363,7 @@ class NacosStore:
 def _racing(raw: str, parent: int) -> bool:
     """Whether an entry looks like a live publisher's on `parent`: ours, that parent, written moments ago."""
     try:
-        data = json.loads(raw)
+        data = loads_json(raw)
         created = datetime.strptime(str(data["created"]), "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
         return bool(int(data["parent"]) == parent and "publish_id" in data
                     and abs((datetime.now(UTC) - created).total_seconds()) < RACER_WAIT * 4)
@@ -373,7 +373,7 @@ def _racing(raw: str, parent: int) -> bool:
 
 def _publish_id(raw: str) -> str | None:
     with contextlib.suppress(ValueError, AttributeError):
-        value = json.loads(raw).get("publish_id")
+        value = loads_json(raw).get("publish_id")
         return str(value) if value is not None else None
     return None
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import json
 import logging
 import os
 import random
@@ -25,6 +24,7 @@ import structlog
 from nacos import NacosClient
 
 from grayagent.errors import GrayagentError, StoreError, UsageError
+from grayagent.rules.docload import loads_json
 from grayagent.stores.urls import NACOS_DEFAULT_GROUP, parse_store_url
 
 log = structlog.get_logger("grayagent.nacos")
@@ -172,7 +172,7 @@ class NacosHttp:
             raise StoreError(f"{self.url}: login as {self.config.user!r} refused (HTTP {status}): "
                              "wrong user or password")
         try:
-            data = json.loads(body)
+            data = loads_json(body)
             token = str(data["accessToken"])
             ttl = float(data.get("tokenTtl", 18000))
         except (ValueError, KeyError, TypeError):

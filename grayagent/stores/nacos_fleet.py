@@ -10,6 +10,7 @@ from typing import Any
 import structlog
 
 from grayagent.errors import GrayagentError, StoreError
+from grayagent.rules.docload import loads_json
 from grayagent.stores.nacos_client import NacosConnection, SdkClient
 
 log = structlog.get_logger("grayagent.nacos")
@@ -89,7 +90,7 @@ class NacosFleetStatus:
             if not instance.get("healthy", False):
                 continue  # no heartbeat for 15 s: the agent is gone (Nacos drops it at 30 s)
             try:
-                entry = json.loads((instance.get("metadata") or {}).get(STATUS_KEY, ""))
+                entry = loads_json((instance.get("metadata") or {}).get(STATUS_KEY, ""))
             except ValueError:
                 continue
             if isinstance(entry, dict):
