@@ -83,7 +83,7 @@ def version_label(version: int, digest: str) -> str:
 
 def parse_label(label: str) -> tuple[int, str] | None:
     number, _, digest = label.partition("-")
-    if not number.isdigit() or not digest.startswith("sha256:"):
+    if not (number.isascii() and number.isdigit()) or not digest.startswith("sha256:"):
         return None
     return int(number), digest
 

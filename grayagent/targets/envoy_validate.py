@@ -57,7 +57,7 @@ def remove_leftovers(work_dir: Path) -> list[Path]:
             if not entry.name.startswith(DIR_PREFIX):
                 continue
             pid = entry.name.removeprefix(DIR_PREFIX).split("-", 1)[0].split(".", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isascii() and pid.isdigit() and not _alive(int(pid)):
                 if entry.is_dir():
                     shutil.rmtree(entry, ignore_errors=True)
                 else:

@@ -60,7 +60,7 @@ class NginxTarget:
         except OSError:
             return None
         parts = body.split()
-        if status != 200 or len(parts) != 2 or not parts[0].isdigit():
+        if status != 200 or len(parts) != 2 or not (parts[0].isascii() and parts[0].isdigit()):
             return None
         return int(parts[0]), parts[1]
 
