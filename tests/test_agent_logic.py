@@ -88,3 +88,12 @@ def test_a_full_disk_after_a_successful_apply_does_not_stop_the_agent(tmp_path: 
     assert agent.status.applied_version == 1
     (tmp_path / "state" / "pinned.json").write_text("[]")  # valid JSON, not a pin
     assert agent.sync() is True
+
+
+def test_each_target_reserves_the_agents_own_addresses() -> None:
+    from grayagent.runtime.agentrun import AgentOptions, reserved_listens
+
+    nginx = AgentOptions(target="nginx", status_listen="127.0.0.1:9180", verify_listen="127.0.0.1:18089")
+    envoy = AgentOptions(target="envoy", status_listen="127.0.0.1:9180", envoy_admin="http://127.0.0.1:9901")
+    assert reserved_listens(nginx) == {"--status-listen": "127.0.0.1:9180", "--verify-listen": "127.0.0.1:18089"}
+    assert reserved_listens(envoy) == {"--status-listen": "127.0.0.1:9180", "--envoy-admin": "127.0.0.1:9901"}

@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import threading
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -200,6 +201,8 @@ def reserved_listens(options: AgentOptions) -> dict[str, str]:
     reserved = {"--status-listen": options.status_listen}
     if options.target == "nginx":
         reserved["--verify-listen"] = options.verify_listen
+    elif options.target == "envoy":
+        reserved["--envoy-admin"] = urllib.parse.urlsplit(options.envoy_admin).netloc
     return reserved
 
 
