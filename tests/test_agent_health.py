@@ -120,5 +120,8 @@ def test_assess_before_the_first_sync_and_without_a_proxy() -> None:
     assert assess(Observation(**{**base.__dict__, "synced": False})).state is State.STARTING
     assert assess(Observation(**{**base.__dict__, "applied": None, "live": None, "store_reachable": False})) \
         .state is State.DOWN
+    damaged = assess(Observation(**{**base.__dict__, "store_reachable": False,
+                                    "store_error": "/srv/store/current: not a version number"}))
+    assert damaged.state is State.STALE and "(/srv/store/current: not a version number)" in damaged.reason
     full = assess(Observation(**{**base.__dict__, "state_dir_error": "status: No space left on device"}))
     assert full.state is State.DEGRADED and "No space left" in full.reason

@@ -133,6 +133,7 @@ class Agent:
         if reachable != self.status.store_reachable:
             log.info("store reachable" if reachable else "store unreachable", store=self.store.url, detail=detail)
         self.status.store_reachable = reachable
+        self.status.store_error = None if reachable else (detail or None)
         self._wake.set()
 
     # ------------------------------------------------------------------ one pass
@@ -147,10 +148,12 @@ class Agent:
             self.keeper.throttle.reset("store-read")
         self._store_delay = 0.0
         self.status.store_reachable = True
+        self.status.store_error = None
         return CurrentRead(reachable=True, record=record)
 
     def _store_failed(self, error: str) -> None:
         self.status.store_reachable = False
+        self.status.store_error = error
         self._store_delay = min(max(self._store_delay * 2, 0.5), self.settings.store_retry_max)
         self._store_retry_at = self.clock() + self._store_delay * random.uniform(0.5, 1.0)
         self.keeper.throttle(log.warning, "store read failed", key="store-read", store=self.store.url,
@@ -239,7 +242,8 @@ class Agent:
         return self.keeper.publish(Observation(
             target=self.target.name, synced=self._synced, applied=self._applied(), live=live,
             desired=self.status.desired_version, store_reachable=self.status.store_reachable,
-            last_error=self.status.last_error, pinned=pinned, serving_from_cache=self.status.serving_from_cache))
+            store_error=self.status.store_error, last_error=self.status.last_error, pinned=pinned,
+            serving_from_cache=self.status.serving_from_cache))
 
     def _guarded_sync(self, stop: threading.Event) -> None:
         try:

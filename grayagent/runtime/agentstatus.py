@@ -41,6 +41,7 @@ class AgentStatus:
     applied_digest: str | None = None
     desired_version: int | None = None
     store_reachable: bool = False
+    store_error: str | None = None  # why the last store read failed; None while it answers
     last_error: str | None = None
     serving_from_cache: bool = False
     pinned: int | None = None

@@ -31,6 +31,7 @@ class Observation:
     live: tuple[int, str] | None              # what the proxy says it serves
     desired: int | None                       # the store's current version (None: nothing published)
     store_reachable: bool
+    store_error: str | None = None            # why the store could not be read (unreachable, a damaged entry)
     last_error: str | None = None             # the newest version's failed apply or refusal
     pinned: tuple[int, str] | None = None
     serving_from_cache: bool = False
@@ -66,7 +67,7 @@ def assess(o: Observation) -> Health:
         if o.last_error:
             return Health(State.DOWN, f"no version applied: {o.last_error}")
         if not o.store_reachable:
-            return Health(State.DOWN, "the store is unreachable and no version is cached")
+            return Health(State.DOWN, f"the store is unreachable{_why(o.store_error)} and no version is cached")
         if o.desired is None:
             return Health(State.EMPTY, "nothing published yet")
         return Health(State.DOWN, "no version applied yet")
@@ -75,7 +76,7 @@ def assess(o: Observation) -> Health:
         return Health(State.DOWN, f"{o.target} does not answer with the applied version {version}")
     if not o.store_reachable:
         source = " (from the local cache)" if o.serving_from_cache else ""
-        return Health(State.STALE, f"the store is unreachable; serving version {version}{source}")
+        return Health(State.STALE, f"the store is unreachable{_why(o.store_error)}; serving version {version}{source}")
     if o.desired is None:  # a wiped store: as good as an unreachable one
         return Health(State.STALE, f"the store has nothing published; keeping version {version}")
     if o.last_error:
@@ -86,3 +87,7 @@ def assess(o: Observation) -> Health:
         return Health(State.DEGRADED, f"serving version {version}, but the state dir cannot be written "
                                       f"(audit, cache, status): {o.state_dir_error}")
     return Health(State.HEALTHY, f"serving version {version}, the store's current")
+
+
+def _why(error: str | None) -> str:
+    return f" ({error})" if error else ""
