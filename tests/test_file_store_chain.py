@@ -186,3 +186,14 @@ def test_a_current_pointer_to_a_missing_version_fails_verify(tmp_path: Path, dam
         f"version {missing}: `current` points at version {missing}, which is missing"]
     done = grayagent("history", "--verify", "--store", str(store_dir))
     assert done.returncode == 1 and "intact" not in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("number", ['"2"', "2.0", "true", "9007199254740992"])
+def test_a_version_number_that_is_not_a_json_integer_is_damaged(tmp_path: Path, number: str) -> None:
+    """int() would read "2", 2.0 and true as 2; past 2**53 a number is no longer exact in Lua's doubles."""
+    store_dir, store = publish_three(tmp_path)
+    path = version_file(store_dir, 2)
+    path.write_text(path.read_text().replace('"version": 2', f'"version": {number}', 1))
+    with pytest.raises(StoreError, match="malformed version envelope"):
+        store.get(2)
+    assert grayagent("history", "--verify", "--store", str(store_dir)).returncode == 1

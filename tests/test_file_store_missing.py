@@ -58,7 +58,7 @@ def test_a_store_path_that_is_a_file_is_refused(tmp_path: Path, doc: Path) -> No
     one_line_naming(grayagent("publish", str(doc), "--store", str(not_dir)), not_dir)
 
 
-@pytest.mark.parametrize("pointer", [b"\xc2\xb2", b"\xff", "\uff11".encode(), b"1\x00"])
+@pytest.mark.parametrize("pointer", [b"\xc2\xb2", b"\xff", "\uff11".encode(), b"1\x00", b"100000000000000000000000"])
 def test_a_current_pointer_that_is_not_an_ascii_number_is_one_line(tmp_path: Path, doc: Path, pointer: bytes) -> None:
     """`current` written by another tool (a superscript two, a fullwidth one, not UTF-8) was a
     UnicodeDecodeError or int() ValueError traceback."""

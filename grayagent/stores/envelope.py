@@ -50,10 +50,21 @@ def is_envelope(data: Any) -> bool:
     return isinstance(data, dict) and data.keys() >= REQUIRED_KEYS
 
 
+# Version numbers stay exact in every consumer, LuaJIT's doubles included.
+MAX_VERSION = 2**53 - 1
+
+
+def _number(value: Any) -> int:
+    """A version number as grayagent writes it: a JSON integer (not "2", 2.0 or true), 0 to MAX_VERSION."""
+    if type(value) is not int or not 0 <= value <= MAX_VERSION:
+        raise ValueError(value)
+    return value
+
+
 def meta_of(data: dict[str, Any], where: str) -> VersionMeta:
     """An envelope's metadata, unchecked against its content (for listings)."""
     try:
-        return VersionMeta(int(data["version"]), int(data.get("parent", 0)), str(data.get("created", "")),
+        return VersionMeta(_number(data["version"]), _number(data.get("parent", 0)), str(data.get("created", "")),
                            str(data.get("author", "")), str(data.get("message", "")), str(data["digest"]),
                            str(data.get("parent_digest") or ""))
     except (KeyError, TypeError, ValueError):

@@ -86,7 +86,7 @@ class FileStore:
             return 0  # a store directory that does not exist yet is empty; the first publish creates it
         except OSError as exc:
             raise StoreError(f"{self.url}: {exc.strerror}") from None
-        if not (text.isascii() and text.isdigit()):
+        if not (text.isascii() and text.isdigit()) or int(text) > envelope.MAX_VERSION:
             raise StoreError(f"{self.current_path}: not a version number")
         return int(text)
 
