@@ -119,6 +119,22 @@ def test_non_finite_weights_say_so(tmp_path: Path, weight: str) -> None:
     assert "not a finite number" in _refused(tmp_path, "nan.yaml", yaml_doc, "spec.services[0].split.weights.stable")
 
 
+@pytest.mark.parametrize(("spelling", "read_as"), [("010", "8"), ("0x5a", "90"), ("9_0", "90"), ("1:30", "90"),
+                                                  ("+90", "90"), (".9e+2", "90.0")])
+def test_yaml_11_numbers_not_in_plain_decimal_are_refused(tmp_path: Path, spelling: str, read_as: str) -> None:
+    """YAML 1.1 reads 010 as 8 and 1:30 as 90: a weight must never silently mean another number."""
+    yaml_doc = (DOC_HEAD + "metadata: {name: api}\n" + SERVICE +
+                f"      split: {{weights: {{stable: {spelling}}}}}\n").encode()
+    out = _refused(tmp_path, "octal.yaml", yaml_doc, "spec.services[0].split.weights.stable")
+    assert f"reads the unquoted {spelling} as the number {read_as}; write the number in plain decimal" in out
+
+
+def test_an_exponent_yaml_keeps_as_text_says_how_to_write_the_number(tmp_path: Path) -> None:
+    yaml_doc = (DOC_HEAD + "metadata: {name: api}\n" + SERVICE + "      split: {weights: {stable: 1e2}}\n").encode()
+    out = _refused(tmp_path, "exp.yaml", yaml_doc, "spec.services[0].split.weights.stable")
+    assert "'1e2' is not of type number; YAML reads an exponent without a sign as text" in out
+
+
 # ---------------------------------------------------------------------------------------------- the agent
 
 

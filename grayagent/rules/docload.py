@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -251,6 +252,9 @@ class _YamlBuilder:
                 from None
         if event.tag is None and event.implicit[0]:  # a plain (unquoted) scalar
             self.spellings[path] = event.value
+            if _misread_number(event.value, value):
+                raise _Refused(path, f"YAML 1.1 reads the unquoted {event.value} as the number {value}; write the "
+                                     "number in plain decimal, or quote it for the text", event.start_mark)
         return value
 
     @staticmethod
@@ -258,6 +262,16 @@ class _YamlBuilder:
         allowed = (None, "!", f"{_TAG}map" if isinstance(event, yaml.MappingStartEvent) else f"{_TAG}seq")
         if event.tag not in allowed:
             raise _Refused(path, _TAG_REFUSED.format(tag=_short_tag(event.tag)), event.start_mark)
+
+
+# Numbers as JSON writes them. YAML 1.1 also reads octal (010 is 8), hex, 1_000 and base 60 (1:30 is 90).
+_DECIMAL = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
+
+
+def _misread_number(spelling: str, value: Any) -> bool:
+    """A finite number spelled other than in plain decimal (NaN and infinity are refused later, by name)."""
+    return (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            and not _DECIMAL.fullmatch(spelling))
 
 
 def _short_tag(tag: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 from collections.abc import Callable, Iterator
 from importlib import resources
 from typing import Any
@@ -55,7 +56,11 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
         missing = [k for k in expected if k not in instance]
         return f"missing required field{'s' if len(missing) > 1 else ''}: {', '.join(missing)}"
     if v == "type":
-        return f"{_short(instance)} is not of type {expected}"
+        text = f"{_short(instance)} is not of type {expected}"
+        if isinstance(instance, str) and expected in ("number", "integer") and _LOOKS_NUMERIC.fullmatch(instance):
+            # PyYAML (YAML 1.1) reads 1e3 and 1.0e3 as text: its exponents need a sign.
+            text += "; YAML reads an exponent without a sign as text: write the number in plain decimal"
+        return text
     if v == "maxProperties" and expected == 1:
         return f"give exactly one of {', '.join(sch.get('properties', {}))}; got {', '.join(instance)}"
     if v == "minProperties" and expected == 1 and "properties" in sch:
@@ -120,6 +125,9 @@ def _non_finite(data: Any, path: list[str | int]) -> Iterator[list[str | int]]:
     elif isinstance(data, list):
         for i, value in enumerate(data):
             yield from _non_finite(value, [*path, i])
+
+
+_LOOKS_NUMERIC = re.compile(r"-?[0-9]+(?:\.[0-9]+)?[eE][0-9]+")
 
 
 def _expects_text(sch: Any) -> bool:
