@@ -105,6 +105,9 @@ def history(store_url: str | None, verify: bool, output: str) -> None:
     if output == "json":
         click.echo(json.dumps([m.as_dict() for m in metas]))
         return
+    if not metas:
+        click.echo(f"{store.url}: nothing published yet")
+        return
     click.echo(f"{'VERSION':>7}  {'CREATED':27}  {'PARENT':>6}  {'DIGEST':19}  {'AUTHOR':24}  MESSAGE")
     for m in metas:
         click.echo(f"{m.version:>7}  {m.created:27}  {m.parent:>6}  {m.digest[:19]:19}  {m.author[:24]:24}  "

@@ -88,3 +88,12 @@ def test_a_mistyped_state_dir_is_a_usage_error(tmp_path: Path, command: list[str
     assert done.returncode == 2, done
     one_line_naming(done, typo)
     assert not typo.exists()
+
+
+def test_an_empty_store_says_nothing_is_published_yet(tmp_path: Path) -> None:
+    """An existing, empty store is no mistake, but a bare table header tells a person nothing."""
+    store = tmp_path / "store"
+    store.mkdir()
+    done = grayagent("history", "--store", str(store))
+    assert (done.returncode, done.stdout) == (0, f"file://{store}: nothing published yet\n"), done
+    assert grayagent("history", "--store", str(store), "-o", "json").stdout == "[]\n"
