@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "grayagent"
 
 # Lower ranks are lower layers. stores and targets are siblings: neither may import the other.
-RANK = {"errors": 0, "fsutil": 0, "logsetup": 0, "rules": 1, "stores": 2, "targets": 2, "runtime": 3,
+RANK = {"errors": 0, "fsutil": 0, "logsetup": 0, "text": 0, "rules": 1, "stores": 2, "targets": 2, "runtime": 3,
         "rollout": 4, "proxycheck": 5, "docs": 5, "usecases": 6, "cli_options": 7, "cli_rollout": 8, "cli": 9,
         "__main__": 10, "__init__": 0}
 

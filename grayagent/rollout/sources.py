@@ -28,6 +28,7 @@ from grayagent.rollout.analysis import Measurement, measurement_from_counters
 from grayagent.rules.docload import loads_json
 from grayagent.rules.model import Analysis, PrometheusQueries, link_local_url
 from grayagent.stores.base import FleetStatus
+from grayagent.text import is_decimal
 
 
 class MetricsSource(Protocol):
@@ -129,7 +130,7 @@ def parse_metrics_hosts(entries: Iterable[str]) -> frozenset[tuple[str, int | No
             port = rest[1:] if rest.startswith(":") else rest
         elif entry.count(":") == 1:
             host, port = entry.split(":")
-        if not host or (port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536)):
+        if not host or (port and not (is_decimal(port) and 0 < int(port) < 65536)):
             raise UsageError(f"--metrics-host: {raw!r} is not HOST or HOST:PORT")
         out.add((host, int(port) if port else None))
     return frozenset(out)

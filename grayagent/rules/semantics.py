@@ -30,6 +30,7 @@ from grayagent.rules.modeldata import (
     ValueCondition,
 )
 from grayagent.rules.regexsubset import check_portable_regex
+from grayagent.text import is_decimal
 
 
 def parse_weight(value: Any) -> int | None:
@@ -155,7 +156,7 @@ def reserved_listen_problems(release: Release, source: str, reserved: dict[str, 
     problems: list[Problem] = []
     for flag, address in reserved.items():
         port = address.rpartition(":")[2]
-        taken = parse_listen(address) if port.isascii() and port.isdigit() else None
+        taken = parse_listen(address) if is_decimal(port) else None
         if taken is None:
             continue
         for i, svc in enumerate(release.services):

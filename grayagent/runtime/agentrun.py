@@ -38,6 +38,7 @@ from grayagent.runtime.observe import StatusServer
 from grayagent.runtime.state import StateDir
 from grayagent.stores import open_store, resolve_store_url
 from grayagent.targets.base import Target
+from grayagent.text import is_decimal
 
 log = structlog.get_logger("grayagent.runtime.agentrun")
 
@@ -142,7 +143,7 @@ def _check_values(options: AgentOptions) -> None:
     for key in ("status_listen", "verify_listen"):
         address: str = getattr(options, key)
         host, _, port = address.rpartition(":")
-        if not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        if not host or not is_decimal(port) or int(port) > 65535:
             raise UsageError(f"{_where(key)}: {address!r} is not HOST:PORT with a port from 0 to 65535")
 
 

@@ -23,6 +23,7 @@ from grayagent.runtime.state import StateDir
 from grayagent.stores import envelope
 from grayagent.stores.base import VersionRecord
 from grayagent.stores.urls import store_identity
+from grayagent.text import is_decimal
 
 log = structlog.get_logger("grayagent.cache")
 
@@ -43,7 +44,7 @@ def save_cache(state_dir: Path, store_url: str, record: VersionRecord) -> None:
     atomic_write(where / IDENTITY_FILE, (store_identity(store_url) + "\n").encode(), RENDERED_MODE)
     atomic_write(where / f"{record.version:010d}.json", entry, RENDERED_MODE)
     atomic_write(where / LAST_GOOD, entry, RENDERED_MODE)
-    for old in sorted(p for p in where.glob("*.json") if p.stem.isascii() and p.stem.isdigit())[:-CACHE_KEEP]:
+    for old in sorted(p for p in where.glob("*.json") if is_decimal(p.stem))[:-CACHE_KEEP]:
         old.unlink(missing_ok=True)
 
 
@@ -84,7 +85,7 @@ def cached_versions(state_dir: Path, store_url: str | None) -> list[VersionRecor
             return []
         where = next(iter(stores.values()))
     out = []
-    for path in sorted(p for p in where.glob("*.json") if p.stem.isascii() and p.stem.isdigit()):
+    for path in sorted(p for p in where.glob("*.json") if is_decimal(p.stem)):
         record = read_record(path, int(path.stem))
         if record is not None:
             out.append(record)

@@ -48,6 +48,7 @@ from grayagent.stores.base import (
 from grayagent.stores.etcd_client import EtcdClient, EtcdConfig, parse_url
 from grayagent.stores.etcd_fleet import EtcdFleetStatus
 from grayagent.stores.etcd_watch import EtcdWatch
+from grayagent.text import is_decimal
 
 LEADER_LEASE_TTL = 6   # rollout controller leadership: a dead leader is replaced within this many seconds
 LEADER_KEY = ".leader"
@@ -75,7 +76,7 @@ class EtcdStore:
         if not response.kvs:
             return 0
         text = response.kvs[0].value.decode("ascii", "replace").strip()
-        if not (text.isascii() and text.isdigit()):
+        if not is_decimal(text):
             raise StoreError(f"{self.url}: {self.prefix}current holds {text[:20]!r}, not a version number")
         return int(text)
 
@@ -113,7 +114,7 @@ class EtcdStore:
         records = []
         for kv in response.kvs:
             name = kv.key.decode("utf-8", "replace").rsplit("/", 1)[-1]
-            if name.isascii() and name.isdigit():  # a key another tool wrote, e.g. versions/², is not ours
+            if is_decimal(name):  # a key another tool wrote, e.g. versions/², is not ours
                 records.append(self._decode(int(name), kv).meta)
         return sorted(records, key=lambda m: m.version)
 
@@ -127,7 +128,7 @@ class EtcdStore:
         for _ in range(10):
             existing = self._range(self.prefix + "versions/", prefix=True, keys_only=True)
             numbers = [int(n) for kv in existing.kvs
-                       if (n := kv.key.decode("utf-8", "replace").rsplit("/", 1)[-1]).isascii() and n.isdigit()]
+                       if is_decimal(n := kv.key.decode("utf-8", "replace").rsplit("/", 1)[-1])]
             number = max([expected, *numbers]) + 1
             meta = VersionMeta(number, expected, utc_now(), author, message, digest_of(content), parent_digest)
             entry = envelope.encode(meta, content, publish_id=nonce)

@@ -20,6 +20,7 @@ from pyetcd.etcdrpc import rpc_pb2_grpc as pbg
 from grayagent.errors import StoreError, VersionNotFound
 from grayagent.stores.base import VersionRecord, WatchHandler
 from grayagent.stores.etcd_client import EtcdClient, details, prefix_end, status_code
+from grayagent.text import is_decimal
 
 log = structlog.get_logger("grayagent.etcd")
 
@@ -88,7 +89,7 @@ class EtcdWatch:
         number = 0
         if listing.kvs:
             text = listing.kvs[0].value.decode("ascii", "replace").strip()
-            number = int(text) if text.isascii() and text.isdigit() else -1
+            number = int(text) if is_decimal(text) else -1
         record = None
         if number > 0:
             with contextlib.suppress(VersionNotFound):
@@ -107,9 +108,9 @@ class EtcdWatch:
                 deleted = event.type == 1  # mvccpb.Event.DELETE
                 if key == "current":
                     text = event.kv.value.decode("ascii", "replace").strip()
-                    self._mirror_current = 0 if deleted else (int(text) if text.isascii() and text.isdigit() else None)
+                    self._mirror_current = 0 if deleted else (int(text) if is_decimal(text) else None)
                     moved = True
-                elif key.startswith("versions/") and key[9:].isascii() and key[9:].isdigit():
+                elif key.startswith("versions/") and is_decimal(key[9:]):
                     number = int(key[9:])
                     if deleted:
                         self._mirror_versions.pop(number, None)

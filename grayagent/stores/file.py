@@ -36,6 +36,7 @@ from grayagent.stores.base import (
     digest_of,
     utc_now,
 )
+from grayagent.text import is_decimal
 
 SAFETY_POLL_SECONDS = 2.0  # inotify can miss events (NFS, overlay mounts); a cheap re-check covers it
 # watchdog event types that can mean `current` changed (atomic_write renames a temporary file over it).
@@ -86,7 +87,7 @@ class FileStore:
             return 0  # a store directory that does not exist yet is empty; the first publish creates it
         except OSError as exc:
             raise StoreError(f"{self.url}: {exc.strerror}") from None
-        if not (text.isascii() and text.isdigit()) or int(text) > envelope.MAX_VERSION:
+        if not is_decimal(text) or int(text) > envelope.MAX_VERSION:
             raise StoreError(f"{self.current_path}: not a version number")
         return int(text)
 
@@ -126,7 +127,7 @@ class FileStore:
     def _version_files(self) -> Iterator[Path]:
         if not self.versions_dir.is_dir():
             return iter(())
-        return (p for p in self.versions_dir.glob("*.json") if p.stem.isascii() and p.stem.isdigit())
+        return (p for p in self.versions_dir.glob("*.json") if is_decimal(p.stem))
 
     def history(self) -> list[VersionMeta]:
         metas = [envelope.meta_of(self._load(p), str(p)) for p in self._version_files()]

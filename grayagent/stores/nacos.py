@@ -81,6 +81,7 @@ from grayagent.stores.nacos_client import (
 )
 from grayagent.stores.nacos_fleet import NacosFleetStatus
 from grayagent.stores.nacos_watch import NacosWatch
+from grayagent.text import is_decimal
 
 log = structlog.get_logger("grayagent.nacos")
 
@@ -117,7 +118,7 @@ class NacosStore:
         if text is None:
             return 0
         value = text.strip()
-        if not (value.isascii() and value.isdigit()):
+        if not is_decimal(value):
             raise StoreError(f"{self.url}: {self.pointer_id} holds {value[:20]!r}, not a version number")
         return int(value)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from grayagent.errors import UsageError
+from grayagent.text import is_decimal
 
 COMMON_OPTIONS = frozenset({"user", "password_file", "timeout"})
 
@@ -44,7 +45,7 @@ def parse_store_url(url: str, *, example: str, password_env: str, options: froze
         raise UsageError(f"{where}: no endpoints; use {example}")
     for ep in endpoints:
         host, _, port = ep.rpartition(":")
-        if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        if not host or not is_decimal(port) or not 0 < int(port) < 65536:
             raise UsageError(f"{where}: endpoint {ep!r} is not host:port")
     query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
     if "password" in query:

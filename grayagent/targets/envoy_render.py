@@ -41,6 +41,7 @@ from grayagent.rules.regexsubset import regex_literal
 from grayagent.rules.routing import split_parts
 from grayagent.targets.layout import default_service, services_by_listen, upstream_id
 from grayagent.targets.lua_data import RuleInputs, lua_literal, lua_source, lua_string, service_table
+from grayagent.text import is_decimal
 
 PREFIX = "x-grayagent-"
 SPLIT_HEADER = PREFIX + "split"
@@ -83,7 +84,7 @@ def version_label(version: int, digest: str) -> str:
 
 def parse_label(label: str) -> tuple[int, str] | None:
     number, _, digest = label.partition("-")
-    if not (number.isascii() and number.isdigit()) or not digest.startswith("sha256:"):
+    if not is_decimal(number) or not digest.startswith("sha256:"):
         return None
     return int(number), digest
 

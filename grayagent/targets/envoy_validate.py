@@ -28,6 +28,8 @@ import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
+from grayagent.text import is_decimal
+
 PR_SET_PDEATHSIG = 1
 
 
@@ -57,7 +59,7 @@ def remove_leftovers(work_dir: Path) -> list[Path]:
             if not entry.name.startswith(DIR_PREFIX):
                 continue
             pid = entry.name.removeprefix(DIR_PREFIX).split("-", 1)[0].split(".", 1)[0]
-            if pid.isascii() and pid.isdigit() and not _alive(int(pid)):
+            if is_decimal(pid) and not _alive(int(pid)):
                 if entry.is_dir():
                     shutil.rmtree(entry, ignore_errors=True)
                 else:

@@ -18,6 +18,7 @@ from grayagent.targets.nginx_process import (
     NginxProcess,
 )
 from grayagent.targets.nginx_render import VERSION_PATH, NginxOptions, render
+from grayagent.text import is_decimal
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class NginxTarget:
         except OSError:
             return None
         parts = body.split()
-        if status != 200 or len(parts) != 2 or not (parts[0].isascii() and parts[0].isdigit()):
+        if status != 200 or len(parts) != 2 or not is_decimal(parts[0]):
             return None
         return int(parts[0]), parts[1]
 

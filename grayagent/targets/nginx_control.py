@@ -26,6 +26,7 @@ from pathlib import Path
 
 from grayagent.fsutil import atomic_write
 from grayagent.targets.base import StepFailed, http_get
+from grayagent.text import is_decimal
 
 TOKEN_FILE = ".grayagent-control-token"  # noqa: S105 - the file's name; the token is generated
 TOKEN_MODE = 0o600
@@ -96,10 +97,10 @@ class ControlClient:
         if status != 200 or "skeleton" not in fields:
             return None
         parts = fields.get("data", "").split()
-        data = (int(parts[0]), parts[1]) if len(parts) == 2 and _number(parts[0]) else None
+        data = (int(parts[0]), parts[1]) if len(parts) == 2 and is_decimal(parts[0]) else None
         held = fields.get("held", "").split()
         return LiveState(fields["skeleton"], data,
-                         (int(held[0]), int(held[1])) if len(held) == 2 and all(map(_number, held)) else (0, 0))
+                         (int(held[0]), int(held[1])) if len(held) == 2 and all(map(is_decimal, held)) else (0, 0))
 
     def push(self, body: bytes) -> None:
         """Push one rendered data chunk; going below the version nginx holds takes the next epoch."""
@@ -118,8 +119,3 @@ class ControlClient:
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode("utf-8", "replace").strip()
             raise StepFailed(f"nginx refused the routing data ({exc.code}): {detail[:300]}") from None
-
-
-def _number(text: str) -> bool:
-    """ASCII digits only: str.isdigit() also takes '²' and other digits int() refuses."""
-    return text.isascii() and text.isdigit()
