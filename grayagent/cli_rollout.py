@@ -43,14 +43,53 @@ def rollout_run(store_url: str | None, interval: float, state_dir: Path | None, 
 @rollout_group.command(name="start")
 @click.argument("service")
 @store_option()
+@click.option("--force", is_flag=True, help="Start although the pre-flight check fails; needs --reason.")
+@click.option("--reason", default=None, metavar="TEXT",
+              help="Why a failed pre-flight is overridden (with --force); kept in the rollout record's events and "
+                   "the controller's audit log.")
 @OUTPUT
-def rollout_start(service: str, store_url: str | None, output: str) -> None:
-    """Begin the rollout that SERVICE's rollout section in the current version defines."""
+def rollout_start(service: str, store_url: str | None, force: bool, reason: str | None, output: str) -> None:
+    """Begin the rollout that SERVICE's rollout section in the current version defines.
+
+    The pre-flight checklist (`grayagent rollout check`) runs first; a failure refuses the start (exit 7,
+    nothing written) unless --force --reason TEXT.
+    """
+    from grayagent.cli_options import default_author
+    from grayagent.errors import UsageError
     from grayagent.rollout import usecases as rollout
 
-    rec = rollout.start(open_url(store_url), service)
-    emit(output, rec.to_json(), f"rollout {service}: started from version {rec.base_version} "
-                                 f"({len(rec.steps)} steps); the controller publishes them")
+    if force != (reason is not None) or (reason is not None and not reason.strip()):
+        raise UsageError("--force and --reason TEXT go together: give both to start past a failed pre-flight")
+    try:
+        rec = rollout.start(open_url(store_url), service, check=True, force_reason=reason.strip() if reason else None,
+                            operator=default_author())
+    except rollout.PreflightFailed as exc:
+        emit(output, {"started": False, "failed": [i.as_dict() for i in exc.failed]},
+             "\n".join(i.line() for i in exc.failed))
+        raise
+    forced = "\n".join(rec.forced["failed"]) + "\n" if rec.forced else ""
+    emit(output, rec.to_json(), f"{forced}{rec.events[-1]['message']} ({len(rec.steps)} steps); "
+                                 "the controller publishes them")
+
+
+@rollout_group.command(name="check")
+@click.argument("service")
+@store_option()
+@OUTPUT
+def rollout_check(service: str, store_url: str | None, output: str) -> None:
+    """The pre-flight checklist that `rollout start` runs: one line per item, ok or FAIL with the reason.
+
+    Every metric query answers now, the rollback target exists and validates, the release window is open,
+    and every agent is healthy on the current version. Exit 0 when all pass, 7 otherwise.
+    """
+    from grayagent.rollout import usecases as rollout
+
+    items = rollout.check(open_url(store_url), service)
+    ok = all(i.ok for i in items)
+    emit(output, {"service": service, "ok": ok, "items": [i.as_dict() for i in items]},
+         "\n".join(i.line() for i in items))
+    if not ok:
+        sys.exit(rollout.PreflightFailed.exit_code)  # the same code as a refused `rollout start`
 
 
 # `rollout status --watch` exit codes once every rollout shown has ended (docs/rollout.md).
@@ -147,12 +186,14 @@ def rollout_status(service: str | None, store_url: str | None, watch: bool, outp
     shown, rows = "", 0
     records: list[RolloutRecord] = []
     for records, now in rollout.status_stream(store, service, watch):
-        data = [r.to_json() for r in records]
+        windows = [None if r.ended else rollout.window(store, r.service, now) for r in records]
+        data = [{**r.to_json(), **({"release_window": w} if w else {})} for r, w in zip(records, windows, strict=True)]
         if output == "json":
             frame = json.dumps(data, ensure_ascii=False)
             changed = frame != shown
         else:
-            frame = "\n\n".join(format_rollout_status(r, now) for r in records)
+            frame = "\n\n".join(format_rollout_status(r, now) + (f"\n  window: {w['text']}" if w else "")
+                                  for r, w in zip(records, windows, strict=True))
             # Without a terminal, print a frame only when the records changed, not at every clock tick.
             changed = redraw or json.dumps(data, sort_keys=True) != shown
         if not changed:

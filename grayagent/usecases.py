@@ -18,9 +18,10 @@ from grayagent.rules.model import Release, parse_document
 from grayagent.rules.routing import Decision, Request, route
 from grayagent.runtime import audit
 from grayagent.runtime.cache import cached_versions
+from grayagent.runtime.fleet import fleet_status as fleet_status  # `grayagent status` calls it here
 from grayagent.runtime.state import StateDir
 from grayagent.stores import Store
-from grayagent.stores.base import FleetStatus, VersionMeta, VersionRecord
+from grayagent.stores.base import VersionMeta, VersionRecord
 from grayagent.stores.chain import ChainBreak, require_intact, verify_chain
 from grayagent.targets.base import Target
 
@@ -177,21 +178,6 @@ def audit_verify(state_dir: Path) -> list[str]:
 def audit_ack(state_dir: Path, reason: str, operator: str) -> dict[str, Any]:
     """Acknowledge every gap recorded so far, with an audited `ack` entry."""
     return audit.AuditLog(_audit_log(state_dir).root).acknowledge(reason, operator)
-
-
-def fleet_status(store: Store, min_agents: int = 1) -> dict[str, Any]:
-    """Every live agent, and whether at least `min_agents` report and all serve the current version, healthy.
-
-    An agent that has not reported yet is invisible; `min_agents` is how a pipeline says how many it expects.
-    """
-    if not isinstance(store, FleetStatus):
-        raise UsageError(f"--store: {store.url}: this store keeps no fleet status")
-    current = store.current()
-    agents = store.fleet()
-    version = current.version if current else None
-    converged = len(agents) >= max(1, min_agents) and all(
-        a.get("applied_version") == version and a.get("healthy") for a in agents)
-    return {"current_version": version, "converged": converged, "min_agents": min_agents, "agents": agents}
 
 
 def wait_for_convergence(store: Store, seconds: float, min_agents: int = 1, poll: float = 0.5) -> dict[str, Any]:

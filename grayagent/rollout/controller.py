@@ -130,6 +130,10 @@ class Controller:
             return
         if rec.started_at is None:  # `start` leaves the stamp to the controller's clock
             rec.started_at = rec.step_started_at = now
+            if rec.forced is not None:  # started past a failed pre-flight: into the controller's audit log
+                self.publisher.audit("rollout-forced-start", service=service, base_version=rec.base_version,
+                                     reason=rec.forced.get("reason"), by=rec.forced.get("by"),
+                                     failed=rec.forced.get("failed"))
         publish: tuple[int, str] | None = None
         if rec.requests.get("abort"):
             self.publisher.begin_rollback(rec, spec, "aborted", "abort requested", now)

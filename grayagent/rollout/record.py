@@ -79,6 +79,8 @@ class RolloutRecord:
     reason: str | None = None
     rollback: RollbackTarget | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as they were
+    held: str | None = None           # the last "held by window until …" note (rollout/windows.py)
+    forced: dict[str, Any] | None = None  # a start past a failed pre-flight: reason, failures, who, when
 
     @property
     def ended(self) -> bool:
@@ -114,6 +116,8 @@ class RolloutRecord:
         )
         if isinstance(data.get("rollback"), dict):
             rec.rollback = RollbackTarget.from_json(data["rollback"], rec)
+        rec.held = str(data["held"]) if data.get("held") is not None else None
+        rec.forced = data["forced"] if isinstance(data.get("forced"), dict) else None
         return rec
 
     def to_json(self) -> dict[str, Any]:
@@ -134,4 +138,8 @@ class RolloutRecord:
             out["reason"] = self.reason
         if self.rollback is not None:
             out["rollback"] = self.rollback.to_json()
+        if self.held is not None:
+            out["held"] = self.held
+        if self.forced is not None:
+            out["forced"] = self.forced
         return out

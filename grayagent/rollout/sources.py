@@ -194,9 +194,7 @@ class PrometheusSource:
             def q(template: str | None, upstream: str = up) -> float | None:
                 if template is None:
                     return None
-                text = (template.replace("{{service}}", service).replace("{{upstream}}", upstream)
-                        .replace("{{interval}}", f"{max(1, round(spec.interval))}s"))
-                return self.query(text)
+                return self.query(fill_query(template, service, upstream, spec.interval))
             requests = q(self.queries.requests_query)
             p99 = q(self.queries.p99_query)
             out.append(Measurement(int(requests) if requests is not None else None, q(self.queries.error_rate_query),
@@ -227,3 +225,9 @@ def source_for(spec: Analysis, store: object) -> MetricsSource:
     if not isinstance(store, FleetStatus):
         raise StoreError("this store keeps no fleet status: configure analysis.prometheus instead")
     return FleetSource(store)
+
+
+def fill_query(template: str, service: str, upstream: str, interval: float) -> str:
+    """A PromQL template with {{service}}, {{upstream}} and {{interval}} (whole seconds, at least 1s) filled in."""
+    return (template.replace("{{service}}", service).replace("{{upstream}}", upstream)
+            .replace("{{interval}}", f"{max(1, round(interval))}s"))

@@ -6,6 +6,7 @@ Pure: it changes the record and says which weight to publish; the controller rec
 from __future__ import annotations
 
 from grayagent.rollout.record import RolloutRecord, pct
+from grayagent.rollout.windows import held
 from grayagent.rules.model import Rollout, RolloutStep
 
 
@@ -32,11 +33,16 @@ def advance(rec: RolloutRecord, spec: Rollout, current_weight: int, now: float) 
     step: RolloutStep = spec.steps[index]
     label = f"rollout {service}: step {index + 1}/{len(spec.steps)}"
     if step.weight is not None:
+        if held(rec, spec.windows, now):
+            return None  # outside the release windows (rollout/windows.py)
         # A pending promote is kept for the next pause: it was meant for a gate, not for this step.
         if current_weight != step.weight:
             return step.weight, f"{label} weight {pct(step.weight)}"
         rec.weight = step.weight  # already there (published before a crash, or by a person)
-    elif requests.pop("promote", None):
+    elif requests.get("promote"):
+        if held(rec, spec.windows, now):
+            return None  # a promote outside the windows waits for the next opening
+        requests.pop("promote")
         rec.event(now, f"{label} ({step.describe()}) promoted")
     elif step.manual:
         return None  # waiting for `promote`
@@ -45,8 +51,8 @@ def advance(rec: RolloutRecord, spec: Rollout, current_weight: int, now: float) 
         if now < started:  # the clock went back: the pause starts over from now
             started = now
         rec.step_started_at = started
-        if now - started < (step.pause or 0.0):
-            return None  # waiting for the pause to run out
+        if now - started < (step.pause or 0.0) or held(rec, spec.windows, now):
+            return None  # waiting for the pause to run out, or for the release windows
     next_step(rec, spec, now)
     return None
 

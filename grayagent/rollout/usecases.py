@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from grayagent.errors import GrayagentError, UsageError
+from grayagent.rollout import preflight, windows
 from grayagent.rollout.document import canary_weight
 from grayagent.rollout.record import RolloutRecord
 from grayagent.rules.model import Rollout, parse_document
@@ -62,8 +63,14 @@ def _no_rollout(service: str) -> NoRollout:
     return NoRollout(f"no rollout of {service!r} has been started (grayagent rollout start {service})")
 
 
-def start(store: Store, service: str, clock: Clock = time.time) -> RolloutRecord:
-    """Begin the rollout defined in the current document; the controller publishes the steps."""
+def start(store: Store, service: str, clock: Clock = time.time, *, check: bool = False,
+          force_reason: str | None = None, operator: str = "") -> RolloutRecord:
+    """Begin the rollout defined in the current document; the controller publishes the steps.
+
+    With `check`, the pre-flight checklist runs first: any failure refuses the start (PreflightFailed, nothing
+    written) unless `force_reason` is given; a forced start keeps the failures, the reason and `operator` in
+    the record (`forced`) and its events, and the controller audits it at its first tick.
+    """
     state = state_of(store)
     current = current_version(store)
     spec = spec_of(current, store, service)
@@ -71,13 +78,55 @@ def start(store: Store, service: str, clock: Clock = time.time) -> RolloutRecord
     if existing is not None and not existing.ended:
         raise UsageError(f"a rollout of {service!r} is already {existing.phase} "
                          f"(step {existing.step + 1}/{len(existing.steps)}); abort it first")
+    now = clock()
+    failed = preflight.failures(preflight.checklist(store, current, spec, service, now)) if check else []
+    if failed and force_reason is None:
+        raise PreflightFailed(service, failed)
     rec = RolloutRecord(
         service=service, steps=[s.describe() for s in spec.steps], canary=spec.canary, stable=spec.stable,
         base_version=current.version, weight=canary_weight(current.content, "current", service, spec.canary),
         failure_limit=spec.failure_limit, max_duration=spec.max_duration, on_failure=spec.on_failure)
-    rec.event(clock(), f"rollout {service}: started from version {current.version}")
+    started = f"rollout {service}: started from version {current.version}"
+    if failed:
+        rec.forced = {"reason": force_reason, "by": operator, "time": now, "failed": [i.line() for i in failed]}
+        started += (f" by {operator or 'an unnamed operator'}, FORCED past a failed pre-flight "
+                    f"({', '.join(dict.fromkeys(i.item for i in failed))}); reason: {force_reason}")
+    rec.event(now, started)
     write(state, rec, revision)
     return rec
+
+
+class PreflightFailed(GrayagentError):
+    """`rollout start` refused: the pre-flight checklist failed and no --force was given."""
+
+    exit_code = 7
+
+    def __init__(self, service: str, failed: list[preflight.Item]) -> None:
+        self.failed = failed
+        super().__init__(f"rollout {service}: not started, {len(failed)} pre-flight "
+                         f"item{'' if len(failed) == 1 else 's'} failed (grayagent rollout check {service}); "
+                         "fix them, or start with --force --reason TEXT")
+
+
+def check(store: Store, service: str, clock: Clock = time.time) -> list[preflight.Item]:
+    """The pre-flight checklist for SERVICE's rollout in the current version (`grayagent rollout check`); a
+    rollout in progress is checked against its own revert target."""
+    state = state_of(store)
+    current = current_version(store)
+    spec = spec_of(current, store, service)
+    existing, _ = read(state, service)
+    running = existing if existing is not None and not existing.ended else None
+    return preflight.checklist(store, current, spec, service, clock(), running)
+
+
+def window(store: Store, service: str, now: float) -> dict[str, object] | None:
+    """The release windows of SERVICE's rollout in the current version, as `rollout status` shows them; None
+    without windows, or when the current version has no such rollout."""
+    try:
+        spec = spec_of(current_version(store), store, service)
+    except GrayagentError:
+        return None
+    return windows.as_json(spec.windows, now)
 
 
 def status(store: Store, service: str | None = None) -> list[RolloutRecord]:

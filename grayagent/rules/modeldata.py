@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from typing import Literal
 
@@ -129,6 +130,7 @@ class Rollout:
     failure_limit: int = 0
     max_duration: float | None = None      # seconds
     on_failure: Literal["revert", "zero"] = "revert"
+    windows: ReleaseWindows | None = None  # when the steps may advance (grayagent/rollout/windows.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,3 +171,35 @@ def iter_value_fields(release: Release) -> Iterator[Field]:
             if f not in seen:
                 seen.add(f)
                 yield f
+
+
+# ---------------------------------------------------------------------------------------------- release windows
+# The times below are wall-clock readings in ReleaseWindows.timezone; grayagent/rollout/windows.py turns them
+# into instants (DST gaps and folds included).
+
+
+@dataclass(frozen=True, slots=True)
+class AllowWindow:
+    """Open from `start` to `end` (minutes after midnight, end exclusive; 1440 = the next midnight) on each
+    of `days` (0 = Monday). `start > end` crosses midnight: it closes on the next day at `end`."""
+
+    days: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class Freeze:
+    """Never advance from `start` until `end` (naive wall-clock datetimes, end exclusive). A whole-day
+    freeze ends at midnight after its last day."""
+
+    name: str
+    start: datetime
+    end: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseWindows:
+    timezone: str                       # an IANA zone name (zoneinfo)
+    allow: tuple[AllowWindow, ...]
+    freeze: tuple[Freeze, ...] = ()

@@ -30,6 +30,7 @@ from grayagent.rules.modeldata import (
     ValueCondition,
 )
 from grayagent.rules.regexsubset import check_portable_regex
+from grayagent.rules.windowspec import parse_windows
 from grayagent.text import is_decimal
 
 
@@ -365,8 +366,9 @@ class RolloutChecker(_Reporter):
                 steps.append(RolloutStep(pause=parse_duration(step["pause"])))
         analysis = self.analysis(raw["analysis"], [*path, "analysis"]) if "analysis" in raw else None
         max_duration = parse_duration(raw["maxDuration"]) if "maxDuration" in raw else None
+        windows = parse_windows(raw["windows"], [*path, "windows"], self.problem) if "windows" in raw else None
         return Rollout(canary, stable, tuple(steps), analysis, int(raw.get("failureLimit", 0)), max_duration,
-                       raw.get("onFailure", "revert"))
+                       raw.get("onFailure", "revert"), windows=windows)
 
     def analysis(self, raw: dict[str, Any], path: list[str | int]) -> Analysis:
         interval = parse_duration(raw["interval"])
