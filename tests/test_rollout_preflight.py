@@ -111,11 +111,11 @@ def test_fleet_item_from_reports(tmp_path: Path) -> None:
 
 def test_metric_items_without_analysis_and_without_figures(tmp_path: Path) -> None:
     store = published(tmp_path, SPEC)
-    current, spec = rollout_spec(store)
+    _, spec = rollout_spec(store)
     assert lines(preflight.metric_items(spec, store, "product")) == [
         "ok    metrics: no analysis configured: nothing to query"]
     store = published(tmp_path / "a", {**SPEC, "analysis": {"interval": "10s", "maxErrorRate": 0.05}})
-    current, spec = rollout_spec(store)
+    _, spec = rollout_spec(store)
     assert lines(preflight.metric_items(spec, store, "product")) == [
         "FAIL  metrics: agents' traffic figures: no agent reports, so none sends traffic figures (agent option "
         "nginx_access_log or envoy_traffic_stats), so the analysis could never judge"]

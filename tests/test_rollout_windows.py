@@ -18,6 +18,7 @@ from grayagent.rollout.record import RolloutRecord
 from grayagent.rules.model import parse_document
 from grayagent.rules.modeldata import ReleaseWindows
 from grayagent.stores.file import FileStore
+from tests.agenthelp import grayagent
 from tests.test_rollout_units import Clock, Scripted, doc, problems
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
@@ -270,9 +271,7 @@ def test_abort_and_max_duration_are_never_held(tmp_path: Any) -> None:
 
 
 def test_status_shows_the_window(tmp_path: Any) -> None:
-    from tests.agenthelp import grayagent
-
-    store, clock, ctl = setup(tmp_path, at(SHANGHAI, 2026, 12, 2, 22, 0))
+    store, _, _ = setup(tmp_path, at(SHANGHAI, 2026, 12, 2, 22, 0))
     done = grayagent("rollout", "status", "product", "--store", store.url, "-o", "json")
     assert done.returncode == 0, done.stderr
     shown = json.loads(done.stdout)[0]["release_window"]  # computed at the real time: open or closed

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from grayagent.errors import GrayagentError, UsageError
-from grayagent.rollout import preflight, windows
+from grayagent.rollout import windows
 from grayagent.rollout.document import canary_weight
 from grayagent.rollout.record import RolloutRecord
 from grayagent.rules.model import Rollout, parse_document
 from grayagent.stores.base import RecordConflict, RolloutState, Store, VersionRecord
+
+if TYPE_CHECKING:
+    from grayagent.rollout.preflight import Item
 
 Clock = Callable[[], float]
 ACTIONS = ("pause", "resume", "promote", "abort")
@@ -79,7 +83,11 @@ def start(store: Store, service: str, clock: Clock = time.time, *, check: bool =
         raise UsageError(f"a rollout of {service!r} is already {existing.phase} "
                          f"(step {existing.step + 1}/{len(existing.steps)}); abort it first")
     now = clock()
-    failed = preflight.failures(preflight.checklist(store, current, spec, service, now)) if check else []
+    failed: list[Item] = []
+    if check:
+        from grayagent.rollout import preflight  # asks Prometheus: not imported by pause, resume or status
+
+        failed = preflight.failures(preflight.checklist(store, current, spec, service, now))
     if failed and force_reason is None:
         raise PreflightFailed(service, failed)
     rec = RolloutRecord(
@@ -101,16 +109,18 @@ class PreflightFailed(GrayagentError):
 
     exit_code = 7
 
-    def __init__(self, service: str, failed: list[preflight.Item]) -> None:
+    def __init__(self, service: str, failed: list[Item]) -> None:
         self.failed = failed
         super().__init__(f"rollout {service}: not started, {len(failed)} pre-flight "
                          f"item{'' if len(failed) == 1 else 's'} failed (grayagent rollout check {service}); "
                          "fix them, or start with --force --reason TEXT")
 
 
-def check(store: Store, service: str, clock: Clock = time.time) -> list[preflight.Item]:
+def check(store: Store, service: str, clock: Clock = time.time) -> list[Item]:
     """The pre-flight checklist for SERVICE's rollout in the current version (`grayagent rollout check`); a
     rollout in progress is checked against its own revert target."""
+    from grayagent.rollout import preflight
+
     state = state_of(store)
     current = current_version(store)
     spec = spec_of(current, store, service)
