@@ -293,3 +293,15 @@ def test_the_next_opening_is_always_open_and_nothing_before_it_is(zone: str) -> 
     while minute < st.next_open:
         assert not windows.is_open(spec, minute), datetime.fromtimestamp(minute, ZoneInfo(zone))
         minute += 60
+
+
+def test_far_and_endless_freezes_stay_cheap_and_say_no_opening_is_in_sight() -> None:
+    far = spec_of({**OFFICE, "freeze": [{"name": "later", "from": "9999-12-01", "to": "9999-12-30"}]})
+    assert windows.state(far, at(SHANGHAI, 2026, 12, 5, 12, 0)).next_open == at(SHANGHAI, 2026, 12, 7, 10, 0)
+    endless = spec_of({**OFFICE, "freeze": [{"name": "forever", "from": "2026-01-01", "to": "9999-12-30"}]})
+    st = windows.state(endless, at(SHANGHAI, 2026, 12, 5, 12, 0))
+    assert not st.open and st.next_open is None and st.reason == "freeze forever"
+    assert windows.describe(endless, at(SHANGHAI, 2026, 12, 5, 12, 0)) == "closed (freeze forever); no opening within 400 days"
+    assert problems(doc({"canary": "canary", "steps": [{"weight": 10}], "windows": {
+        **OFFICE, "freeze": [{"name": "x", "from": "2026-01-01", "to": "9999-12-31"}]}})) == [
+        "d: spec.services[0].rollout.windows.freeze[0].to: '9999-12-31' is not a date that exists"]

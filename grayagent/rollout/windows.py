@@ -28,6 +28,9 @@ from grayagent.rules.modeldata import ReleaseWindows
 Interval = tuple[float, float]  # [start, end) in epoch seconds
 # How far `until` looks: an opening that lasts longer than this is reported as open without an end.
 LOOKAHEAD = timedelta(days=8)
+# How far the next opening is searched for: freezes that run back to back beyond this leave no opening in sight.
+SEARCH = timedelta(days=400)
+NO_OPENING = f"no opening within {SEARCH.days} days"
 
 
 def _reading(zone: ZoneInfo, instant: float) -> datetime:
@@ -116,14 +119,18 @@ class WindowState:
 
 
 def open_intervals(spec: ReleaseWindows, now: float) -> list[Interval]:
-    """The instants at which a step may run, from the day before `now` until well past every freeze."""
+    """The instants at which a step may run, from the day before `now` until a week past the freezes that
+    follow on from now (a week holds every weekday's windows), and at most SEARCH ahead."""
     zone = ZoneInfo(spec.timezone)
     freezes = _freeze_intervals(spec, zone)
     today = _reading(zone, now).date()
-    last_freeze = max((_reading(zone, end).date() for (_, end), _ in freezes), default=today)
-    # A week after the later of today and the last freeze holds every weekday's windows at least once.
-    horizon = max(today, last_freeze) + LOOKAHEAD + timedelta(days=1)
-    allowed = _union(_allow_intervals(spec, zone, today - timedelta(days=1), horizon))
+    limit = today + SEARCH
+    horizon = today + LOOKAHEAD + timedelta(days=1)
+    for (start, end), _ in sorted(freezes):  # only freezes that start before the horizon push it out
+        if _reading(zone, start).date() > horizon:
+            break
+        horizon = max(horizon, min(_reading(zone, end).date(), limit) + LOOKAHEAD + timedelta(days=1))
+    allowed = _union(_allow_intervals(spec, zone, today - timedelta(days=1), min(horizon, limit)))
     return _subtract(allowed, _union([interval for interval, _ in freezes]))
 
 
@@ -162,7 +169,7 @@ def describe(spec: ReleaseWindows | None, now: float) -> str:
     if st.open:
         return "open" + (f" until {describe_instant(spec, st.until)}" if st.until is not None else "")
     when = (f"the next step may run at {describe_instant(spec, st.next_open)}" if st.next_open is not None
-            else "no opening found")
+            else NO_OPENING)
     return f"closed ({st.reason}); {when}"
 
 
@@ -183,7 +190,7 @@ def held(rec: RolloutRecord, spec: ReleaseWindows | None, now: float) -> bool:
     if st.open:
         rec.held = None
         return False
-    when = describe_instant(spec, st.next_open) if st.next_open is not None else "no opening is in sight"
+    when = describe_instant(spec, st.next_open) if st.next_open is not None else NO_OPENING
     note = f"rollout {rec.service}: step {rec.step + 1}/{len(rec.steps)} held by window until {when} ({st.reason})"
     if rec.held != note:
         rec.held = note

@@ -63,7 +63,7 @@ def parse_windows(raw: dict[str, Any], path: list[str | int], problem: Report) -
         for key in ("from", "to"):
             try:
                 bounds.append(freeze_bound(freeze[key], end=key == "to"))
-            except ValueError:
+            except (ValueError, OverflowError):  # 2026-02-30; 9999-12-31 as `to` ends past the calendar
                 problem([*path, "freeze", i, key], f"{freeze[key]!r} is not a date that exists")
         if len(bounds) == 2:
             if bounds[1] <= bounds[0]:
