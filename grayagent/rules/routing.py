@@ -236,7 +236,9 @@ ANONYMOUS_ID = re.compile(r"[0-9a-f]{32}")  # 128 random bits as lowercase hex: 
 
 
 def anonymous_id(value: str) -> str | None:
-    """The visitor ID a cookie value holds, or None when it is not one (absent, foreign or malformed)."""
+    """The visitor ID a cookie value holds, or None when it is not one (absent, foreign or malformed).
+    Spaces and tabs around it do not count: nginx keeps a tab that ends the Cookie header, the others drop it."""
+    value = value.strip(" \t")
     return value if ANONYMOUS_ID.fullmatch(value) else None
 
 

@@ -190,14 +190,14 @@ def _split_clients_lines(svc: Service, parts: tuple[SplitPart, ...]) -> str:
 # ---------------------------------------------------------------------------------------------- anonymous visitors
 # whenKeyMissing: cookie (routing.anonymous_split). Per service `var`:
 #   $<var>_ack     the first anonymous cookie's raw value (routing.COOKIE_PATTERN, as every cookie field);
-#   $<var>_aid     that value when it is a well-formed ID (routing.ANONYMOUS_ID), else $request_id: 16 random
+#   $<var>_aid     the well-formed ID in it (routing.anonymous_id), else $request_id: 16 random
 #                  bytes as 32 lowercase hex digits, the same form, and one value per request (cacheable);
 #   $<var>_asplit  split_clients over salt + ID, the same cut as the key's;
 #   $<var>_anew    the Set-Cookie value for $request_id when the cookie holds no ID, else "";
 #   $<var>_setck   $<var>_anew when the anonymous path decided (no rule, no key), else "": `add_header` sends
 #                  nothing for an empty value (ngx_http_add_header: `if (value->len)`), and adds to what the
 #                  upstream sent rather than replacing its own Set-Cookie headers.
-_ANON_ID_KEY = "~^[0-9a-f]{32}\\z"
+_ANON_ID_KEY = "~^[ \\x09]*([0-9a-f]{32})[ \\x09]*\\z"
 EMPTY = '""'  # an nginx empty string
 
 
@@ -209,7 +209,7 @@ def _anonymous_visitor(out: list[str], var: str, svc: Service, parts: tuple[Spli
     new_cookie = quote(f"{cookie.name}=$request_id{cookie_attributes(cookie)}")
     out.append(f"# anonymous visitors: cookie {cookie.name}\n"
                f"map $http_cookie ${var}_ack {{\n    {extract} $1;\n    default \"\";\n}}\n"
-               f"map ${var}_ack ${var}_aid {{\n    {quote(_ANON_ID_KEY)} ${var}_ack;\n    default $request_id;\n}}\n"
+               f"map ${var}_ack ${var}_aid {{\n    {quote(_ANON_ID_KEY)} $1;\n    default $request_id;\n}}\n"
                f"map ${var}_ack ${var}_anew {{\n    {quote(_ANON_ID_KEY)} \"\";\n    default {new_cookie};\n}}\n")
     if len(parts) == 1:
         return upstream_block_name(svc, parts[0].upstream)
