@@ -12,13 +12,13 @@ Set-Cookie headers pass through.
 
 from __future__ import annotations
 
-import http.client
 import random
 import re
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -27,9 +27,14 @@ from grayagent.rules.model import Release, parse_document
 from grayagent.rules.routing import Decision, Request, route
 from grayagent.stores.base import digest_of
 from grayagent.targets.base import Target
+from grayagent.targets.lua_data import lua_string
+from grayagent.targets.nginx_control import push_headers, read_token
+from grayagent.targets.nginx_dynamic import NginxDynamicTarget
+from grayagent.targets.nginx_dynamic_render import DATA_FILE, PUSH_PATH
 from tests.agenthelp import dynamic_target, nginx_target, wait_live
 from tests.docs import document, dump, service
 from tests.envoyhelp import envoy_target, wait_target_live
+from tests.fidelity import FidelityRequest, _Connection
 from tests.servers.backends import Backend
 from tests.servers.envoy import EnvoyInstance
 from tests.servers.nginx import NginxInstance, lua_available
@@ -137,17 +142,14 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 # ---------------------------------------------------------------------------------------------- requests
 
 
-@dataclass
-class Req:
-    service: str
-    path: str = "/"
-    headers: list[tuple[str, str]] = field(default_factory=list)
+class Req(FidelityRequest):
+    """A request of tests/fidelity.py, decided with the fresh ID the proxy drew."""
 
     def request(self) -> Request:
         path, _, query = self.path.partition("?")
         return Request.build(headers=self.headers, path=path, query=query, source_ip="127.0.0.1")
 
-    def simulate(self, release: Release, fresh: str | None = None) -> Decision:
+    def decide(self, release: Release, fresh: str | None = None) -> Decision:
         """The simulator's decision; `fresh` is the ID a proxy drew for this request, if it drew one."""
         return route(release.service(self.service), self.request(),
                      new_anonymous_id=(lambda: fresh) if fresh else (lambda: "f" * 32))
@@ -163,34 +165,14 @@ class Answer:
     cookies: list[str]  # the Set-Cookie header values, in order
 
 
-class _Conn:
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-
-    def get(self, req: Req) -> Answer:
-        for attempt in range(2):
-            try:
-                self.conn.putrequest("GET", req.path, skip_accept_encoding=True)
-                for k, v in req.headers:
-                    self.conn.putheader(k, v.encode("utf-8"))
-                self.conn.endheaders()
-                resp = self.conn.getresponse()
-                body = resp.read().decode("utf-8", "replace")
-                cookies = [v for k, v in resp.getheaders() if k.lower() == "set-cookie"]
-                return Answer(resp.status, body, cookies)
-            except (http.client.HTTPException, ConnectionError):
-                self.conn.close()
-                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
+def _answer(status: int, body: str, headers: list[tuple[str, str]]) -> Answer:
+    return Answer(status, body, [v for k, v in headers if k.lower() == "set-cookie"])
 
 
 def send(gw: Gateway, reqs: list[Req], workers: int = 4) -> list[Answer]:
     def run(chunk: list[tuple[int, Req]]) -> list[tuple[int, Answer]]:
-        conns = {svc: _Conn(port) for svc, port in gw.listen.items()}
-        out = [(i, conns[r.service].get(r)) for i, r in chunk]
+        conns = {svc: _Connection(port) for svc, port in gw.listen.items()}
+        out = [(i, _answer(*conns[r.service].exchange(r))) for i, r in chunk]
         for c in conns.values():
             c.conn.close()
         return out
@@ -220,7 +202,7 @@ def disagreement(release: Release, req: Req, answer: Answer) -> str | None:
     if answer.status != 200:
         return f"status {answer.status}"
     visitor = fresh_id(req, answer)
-    decision = req.simulate(release, visitor)
+    decision = req.decide(release, visitor)
     if decision.set_cookie != (visitor is not None):
         return f"set_cookie: simulator {decision.set_cookie}, proxy {answer.cookies}"
     if decision.upstream != answer.upstream:
@@ -281,7 +263,7 @@ def test_every_gateway_routes_anonymous_visitors_as_the_simulator_says(lab: Lab)
     """(a), (d), (e): 4,000 requests with IDs, without, hostile, keyed and rule-decided, through each proxy."""
     assert [g.name for g in lab.gateways] == ["nginx", *(["nginx-dynamic"] if lua_available() else []), "envoy"]
     reqs = corpus(4000)
-    decisions = [r.simulate(lab.served) for r in reqs]
+    decisions = [r.decide(lab.served) for r in reqs]
     by = {(d.by, d.set_cookie) for d in decisions}
     assert {("rule", False), ("split", False), ("random", True)} <= by, by
     assert sum(d.set_cookie for d in decisions) > 400 and sum(not d.set_cookie for d in decisions) > 2000
@@ -305,7 +287,7 @@ def test_a_fresh_cookie_is_well_formed_and_sticks(lab: Lab) -> None:
             assert len(answer.cookies) == 1, (gw.name, answer.cookies)
             visitor = fresh_id(first, answer)
             assert visitor is not None, (gw.name, answer.cookies)
-            expected = first.with_cookie(COOKIE[svc], visitor).simulate(lab.served)
+            expected = first.with_cookie(COOKIE[svc], visitor).decide(lab.served)
             assert expected.by == "split" and not expected.set_cookie
             replays = send(gw, [first.with_cookie(COOKIE[svc], visitor)] * 20, workers=2)
             assert {(a.upstream, tuple(a.cookies)) for a in replays} == {(expected.upstream, ())}, gw.name
@@ -371,7 +353,7 @@ def test_rule_and_key_never_set_the_cookie_even_without_one(lab: Lab) -> None:
     for gw in lab.gateways:
         answers = send(gw, reqs, workers=1)
         assert [a.cookies for a in answers] == [[]] * 4, gw.name
-        assert [a.upstream for a in answers] == [r.simulate(lab.served).upstream for r in reqs], gw.name
+        assert [a.upstream for a in answers] == [r.decide(lab.served).upstream for r in reqs], gw.name
 
 
 def test_an_answer_the_proxy_makes_itself_sets_the_cookie_too(lab: Lab) -> None:
@@ -388,3 +370,30 @@ def test_an_answer_the_proxy_makes_itself_sets_the_cookie_too(lab: Lab) -> None:
     finally:
         for name in UPSTREAMS:
             lab.backends[name] = Backend(name, ports[name]).start()
+
+
+def test_dynamic_mode_refuses_pushed_cookie_text_that_could_split_a_header(lab: Lab) -> None:
+    """The agent renders the cookie's name and attributes from a checked document; a push carrying anything
+    else (CR LF, a second header, an index out of range) is refused whole, and routing goes on."""
+    gw = next((g for g in lab.gateways if g.name == "nginx-dynamic"), None)
+    if gw is None:
+        pytest.skip("lua-nginx-module is not installed")
+    assert isinstance(gw.target, NginxDynamicTarget)
+    token = read_token(gw.target.token_path)
+    assert token is not None
+    content = dump(anon_document(lab.ports, gw.listen, 10))
+    release = parse_document(content, "t")
+    data = gw.target.render(release, 99, digest_of(content))[DATA_FILE].decode()
+    attributes = lua_string("; Path=/; Max-Age=604800; HttpOnly; SameSite=Lax")
+    assert attributes in data
+    url = f"http://{gw.target.settings.control_listen}{PUSH_PATH}"
+    for bad in (data.replace(attributes, lua_string("; Path=/\r\nX-Evil: 1")),
+                data.replace(lua_string("ga_anon"), lua_string("ga anon=1;")),
+                re.sub(r'\["input"\] = [0-9]+', '["input"] = 50', data, count=1)):
+        assert bad != data
+        body = bad.encode()
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST",
+                                                          headers=push_headers(token, 0, body)), timeout=5)
+        assert refused.value.code == 400 and b"anonymous cookie" in refused.value.read()
+    assert send(gw, [Req("svc-a", "/", [("X-Employee", "true")])])[0].upstream == "canary"
