@@ -225,6 +225,7 @@ def hostile_cookies(name: str, rng: random.Random) -> list[str]:
         f"{name}=bad; {name}={good}", f"{name}={good}; {name}=bad", f"{name}={good}; {name}={other}",
         f"{name} ={good}", f"{name}={good} Set-Cookie: evil=1", f'{name}={good}"; evil',
         f"{name}={'g' * 32}", f"{name}={good[:16]}-{good[17:]}", "tier=vip; " + f"{name}=bad",
+        f"{name}=a" + " \t" * 2000 + "b", f"{name}=" + " " * 3000 + f"{good}\t \t", f"{name}={good}" + " " * 3000,
     ]
 
 
