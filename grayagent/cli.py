@@ -186,7 +186,8 @@ def route(store_url: str | None, version: int | None, file: str | None, service:
     request = Request.build(headers=pairs(header, "--header"), cookies=pairs(cookie, "--cookie"),
                             query=pairs(query, "--query"), path=path, source_ip=source_ip)
     decision = usecases.route_one(release, service, request)
-    emit(output, decision.as_dict(), f"upstream={decision.upstream} rule={decision.rule or '-'} by={decision.by}")
+    emit(output, decision.as_dict(), f"upstream={decision.upstream} rule={decision.rule or '-'} by={decision.by}"
+         + (" set_cookie=yes" if decision.set_cookie else ""))  # a new anonymous-visitor ID (whenKeyMissing: cookie)
 
 
 def _agent_flags() -> dict[str, Any]:

@@ -73,6 +73,11 @@ class _Connection:
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
 
     def get(self, req: FidelityRequest) -> tuple[int, str]:
+        status, body, _ = self.exchange(req)
+        return status, body
+
+    def exchange(self, req: FidelityRequest) -> tuple[int, str, list[tuple[str, str]]]:
+        """Status, body and the response's headers (repeats kept, in order)."""
         for attempt in range(2):
             try:
                 own_host = any(k.lower() == "host" for k, _ in req.headers)
@@ -81,7 +86,7 @@ class _Connection:
                     self.conn.putheader(k, v.encode("utf-8"))
                 self.conn.endheaders()
                 resp = self.conn.getresponse()
-                return resp.status, resp.read().decode("utf-8", "replace")
+                return resp.status, resp.read().decode("utf-8", "replace"), resp.getheaders()
             except (http.client.HTTPException, ConnectionError):
                 self.conn.close()
                 self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)

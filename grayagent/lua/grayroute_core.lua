@@ -236,6 +236,7 @@ end
 -- "random", "default"). svc = {default, rules = {{name, to, conds = {{input = i, match = ...} or
 -- {cidr = j}}}}, cidrs = {lists}, split}; value_of(req, i) reads input i ("" = absent), peer_of(req)
 -- the parsed direct peer; req is the adapter's per-request state (values are read once each).
+-- With split.anon (whenKeyMissing: cookie), a 4th result is the fresh visitor ID to set, from req.new_id().
 function M.decide(svc, req, value_of, peer_of, regex_find)
   local rules = svc.rules
   for r = 1, #rules do
@@ -257,10 +258,57 @@ function M.decide(svc, req, value_of, peer_of, regex_find)
   if split == nil then return svc.default, nil, "default" end
   local key = ""
   if split.key ~= nil then key = value_of(req, split.key_input) end
+  if key == "" and split.anon ~= nil then
+    local upstream, by, fresh = M.anon_split(split, value_of(req, split.anon.input), req.new_id)
+    return upstream, nil, by, fresh
+  end
   local upstream = M.split_upstream(split, key)
   if upstream == nil then return svc.default, nil, "default" end
   if split.key ~= nil and key ~= "" then return upstream, nil, "split" end
   return upstream, nil, "random"
+end
+
+-- ------------------------------------------------------------------ anonymous visitors
+-- whenKeyMissing: cookie (routing.anonymous_split). split.anon = {name, attributes (routing.cookie_attributes),
+-- input (nginx dynamic mode: the cookie's input index)}.
+
+-- The visitor ID a cookie value holds (routing.anonymous_id: 32 lowercase hex digits, spaces and tabs
+-- around it ignored), or nil.
+function M.anon_id(value)
+  -- Trimmed by hand: a pattern like "^%s*(.-)%s*$" retries at each blank of a long run (quadratic).
+  local first = find(value, "[^ \t]")
+  if first == nil then return nil end
+  local last = #value
+  while byte(value, last) == 32 or byte(value, last) == 9 do last = last - 1 end
+  if last - first ~= 31 then return nil end
+  local id = sub(value, first, last)
+  if find(id, "[^0-9a-f]") then return nil end
+  return id
+end
+
+-- The split of a keyless request: upstream, how ("split" on the visitor's ID, "random" on a fresh one), and
+-- the fresh ID to set (nil when the cookie held one). new_id() -> 32 lowercase hex digits.
+function M.anon_split(split, cookie_value, new_id)
+  local id = M.anon_id(cookie_value)
+  if id ~= nil then return M.pick(M.murmur2(split.salt .. id), split.parts), "split", nil end
+  id = new_id()
+  return M.pick(M.murmur2(split.salt .. id), split.parts), "random", id
+end
+
+function M.set_cookie(anon, id) return anon.name .. "=" .. id .. anon.attributes end
+
+-- A fresh ID where the proxy has no random request ID of its own (Envoy): 16 bytes of /dev/urandom, read
+-- through a handle each Lua state opens at its first draw (never in nginx's master: forked workers would
+-- share its buffer); without io, four draws of the seeded math.random.
+local urandom = nil
+function M.new_anon_id()
+  if urandom == nil then urandom = (io and io.open("/dev/urandom", "rb")) or false end
+  local b = urandom and urandom:read(16)
+  if b and #b == 16 then
+    return string.format("%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x", byte(b, 1, 16))
+  end
+  return string.format("%08x%08x%08x%08x", M.random_uint32(), M.random_uint32(), M.random_uint32(),
+                       M.random_uint32())
 end
 
 return M

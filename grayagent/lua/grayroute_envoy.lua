@@ -40,6 +40,20 @@ local function field_value(headers, field, req)
   return grayroute.query_value(req.query, field[2])
 end
 
+-- Anonymous visitors (whenKeyMissing: cookie): the split on the visitor's ID, or on a fresh one, which the
+-- response then sets (dynamic metadata carries it across). Envoy makes no random request ID here (the
+-- listener has generate_request_id off, and a client could send its own), so the core reads /dev/urandom.
+local META = "grayagent"
+
+local function anonymous_visitor(handle, headers, split, req)
+  local upstream, _, fresh = grayroute.anon_split(split, field_value(headers, {"cookie", split.anon.name}, req),
+                                                  grayroute.new_anon_id)
+  if fresh ~= nil then
+    handle:streamInfo():dynamicMetadata():set(META, "set-cookie", grayroute.set_cookie(split.anon, fresh))
+  end
+  return upstream
+end
+
 function envoy_on_request(handle)
   local meta = handle:metadata()
   local svc = SERVICES[meta:get("service") or ""]
@@ -60,7 +74,11 @@ function envoy_on_request(handle)
   if svc.split ~= nil then
     local key = ""
     if svc.split.key ~= nil then key = field_value(headers, svc.split.key, req) end
-    upstream = grayroute.split_upstream(svc.split, key) or svc.default
+    if key == "" and svc.split.anon ~= nil then
+      upstream = anonymous_visitor(handle, headers, svc.split, req)
+    else
+      upstream = grayroute.split_upstream(svc.split, key) or svc.default
+    end
   end
 
   for i = 1, #values do
@@ -72,4 +90,24 @@ function envoy_on_request(handle)
   headers:replace(PREFIX .. "split", upstream)
   -- Select the route again, now on our headers.
   handle:clearRouteCache()
+end
+
+-- Only where some service has anonymous visitors: Envoy then runs this for every response of the listener.
+local function any_anonymous()
+  for _, svc in pairs(SERVICES) do
+    if svc.split ~= nil and svc.split.anon ~= nil then return true end
+  end
+  return false
+end
+
+if any_anonymous() then
+  -- The cookie goes out only when the split decided: a rule's route (<service>/rule/<name>) sends none,
+  -- although the script, which runs before Envoy matches the rules, drew an ID for it.
+  function envoy_on_response(handle)
+    local meta = handle:streamInfo():dynamicMetadata():get(META)
+    local cookie = meta and meta["set-cookie"]
+    if cookie == nil then return end
+    if string.find(handle:streamInfo():routeName() or "", "/rule/", 1, true) then return end
+    handle:headers():add("set-cookie", cookie)
+  end
 end

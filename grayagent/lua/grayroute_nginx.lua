@@ -35,6 +35,13 @@ local function is_index(v, n) return type(v) == "number" and v >= 1 and v <= n a
 local MATCH_KINDS = {exact = true, prefix = true, ["in"] = true, regex = true, present = true}
 local INPUT_KINDS = {header = true, cookie = true, query = true, path = true}
 
+-- split.anon (whenKeyMissing: cookie): the cookie's input, and the Set-Cookie parts as plain header text.
+local function anon_ok(anon, inputs)
+  return type(anon) == "table" and is_index(anon.input, inputs) and is_string(anon.name)
+    and anon.name:match("^[%w._-]+$") ~= nil and is_string(anon.attributes)
+    and anon.attributes:match("^[%w =/;-]+$") ~= nil
+end
+
 -- Everything access() relies on, so that a bad push is refused instead of failing requests.
 local function check_service(name, svc)
   if type(svc) ~= "table" or type(svc.upstreams) ~= "table" then return "service " .. name .. ": no upstreams" end
@@ -74,6 +81,9 @@ local function check_service(name, svc)
     end
     if split.key ~= nil and not is_index(split.key_input, #svc.inputs) then
       return "service " .. name .. ": bad split key"
+    end
+    if split.anon ~= nil and not anon_ok(split.anon, #svc.inputs) then
+      return "service " .. name .. ": bad anonymous cookie"
     end
   end
   return nil
@@ -168,13 +178,22 @@ local function regex_find(value, pattern)
   return from ~= nil
 end
 
+-- Anonymous visitors: nginx's own $request_id (16 random bytes as lowercase hex), as in reload mode. A header
+-- set here in the access phase goes out with the proxied response, after the upstream's own Set-Cookie lines.
+local function request_id() return ngx.var.request_id end
+
+local function set_anon_cookie(anon, id)
+  ngx.header["Set-Cookie"] = core.set_cookie(anon, id)
+end
+
 local function route(service, fp)
   local data = current(fp)
   if data == nil then return end
   local svc = data.services[service]
   if svc == nil then return end
-  local upstream = core.decide(svc, {svc = svc}, value_of, peer_of, regex_find)
+  local upstream, _, _, fresh = core.decide(svc, {svc = svc, new_id = request_id}, value_of, peer_of, regex_find)
   ngx.var.ga_upstream = svc.upstreams[upstream]
+  if fresh ~= nil then set_anon_cookie(svc.split.anon, fresh) end
 end
 
 function M.access(service, fp)

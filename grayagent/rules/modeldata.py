@@ -55,13 +55,22 @@ class Rule:
 
 
 @dataclass(frozen=True, slots=True)
+class AnonymousCookie:
+    """The cookie that keeps an anonymous visitor's ID (whenKeyMissing: cookie); max_age in seconds."""
+
+    name: str
+    max_age: int
+
+
+@dataclass(frozen=True, slots=True)
 class Split:
     """Weights are in hundredths of a percent (nginx parses two decimals), in document order."""
 
     key: Field | None
     salt: str
     weights: tuple[tuple[str, int], ...]
-    when_key_missing: Literal["default", "random"]
+    when_key_missing: Literal["default", "random", "cookie"]
+    anonymous_cookie: AnonymousCookie | None = None  # set exactly when when_key_missing == "cookie"
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,12 +12,14 @@ import functools
 import ipaddress
 import random
 import re
+import secrets
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from grayagent.rules.model import CidrCondition, Field, Service, Split, StringMatch, ValueCondition
+from grayagent.rules.modeldata import AnonymousCookie
 from grayagent.rules.regexsubset import compile_portable
 
 _M = 0x5BD1E995
@@ -183,16 +185,21 @@ class Decision:
     rule: str | None
     by: Literal["rule", "split", "random", "default"]
     bucket: int | None = None
+    set_cookie: bool = False  # the gateway answers with a new anonymous-visitor cookie (whenKeyMissing: cookie)
 
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {"upstream": self.upstream, "rule": self.rule, "by": self.by}
         if self.bucket is not None:
             out["bucket"] = self.bucket
+        if self.set_cookie:
+            out["set_cookie"] = True
         return out
 
 
 def route(service: Service, request: Request,
-          random_bucket: Callable[[], int] = lambda: random.getrandbits(32)) -> Decision:
+          random_bucket: Callable[[], int] = lambda: random.getrandbits(32),
+          *,
+          new_anonymous_id: Callable[[], str] = lambda: secrets.token_hex(16)) -> Decision:
     for rule in service.rules:
         holds = True
         for cond in rule.conditions:
@@ -213,6 +220,43 @@ def route(service: Service, request: Request,
     if split.key is not None and key:
         bucket = murmur2((split.salt + key).encode("utf-8", "surrogateescape"))
         return Decision(pick_part(parts, bucket), None, "split", bucket)
+    if split.anonymous_cookie is not None:
+        return anonymous_split(split.salt, parts, split.anonymous_cookie, request, new_anonymous_id)
     if split.key is not None and split.when_key_missing == "default":
         return Decision(service.default, None, "default")
     return Decision(pick_part(parts, random_bucket()), None, "random")
+
+
+# ---------------------------------------------------------------------------------------------- anonymous visitors
+# whenKeyMissing: cookie. A request that no rule decides and that has no key is hashed on the visitor's ID
+# from the anonymous cookie, exactly like a key; without a well-formed ID it gets a fresh one, is hashed on it,
+# and the answer sets the cookie. The renderers take the ID form and the Set-Cookie attributes from here.
+
+ANONYMOUS_ID = re.compile(r"[0-9a-f]{32}")  # 128 random bits as lowercase hex: nginx's $request_id
+
+
+def anonymous_id(value: str) -> str | None:
+    """The visitor ID a cookie value holds, or None when it is not one (absent, foreign or malformed).
+    Spaces and tabs around it do not count: nginx keeps a tab that ends the Cookie header, the others drop it."""
+    value = value.strip(" \t")
+    return value if ANONYMOUS_ID.fullmatch(value) else None
+
+
+def cookie_attributes(cookie: AnonymousCookie) -> str:
+    """Everything after NAME=ID in the Set-Cookie header; no Secure, since listeners may be plain HTTP."""
+    return f"; Path=/; Max-Age={cookie.max_age}; HttpOnly; SameSite=Lax"
+
+
+def set_cookie_header(cookie: AnonymousCookie, visitor: str) -> str:
+    return f"{cookie.name}={visitor}{cookie_attributes(cookie)}"
+
+
+def anonymous_split(salt: str, parts: tuple[SplitPart, ...], cookie: AnonymousCookie, request: Request,
+                    new_id: Callable[[], str]) -> Decision:
+    """The split for a keyless request: `split` on the visitor's ID, or `random` on a fresh one (set_cookie)."""
+    visitor = anonymous_id(field_value(Field("cookie", cookie.name), request))
+    fresh = visitor is None
+    if visitor is None:
+        visitor = new_id()
+    bucket = murmur2((salt + visitor).encode("ascii"))
+    return Decision(pick_part(parts, bucket), None, "random" if fresh else "split", bucket, set_cookie=fresh)

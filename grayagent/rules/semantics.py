@@ -12,6 +12,7 @@ from grayagent.errors import Problem
 from grayagent.rules.docload import format_path
 from grayagent.rules.modeldata import (
     Analysis,
+    AnonymousCookie,
     CidrCondition,
     Condition,
     Field,
@@ -270,7 +271,29 @@ class ReleaseChecker(_Reporter):
         total = sum(w for _, w in weights)
         if len(weights) == len(raw["weights"]) and total != 10000:
             self.problem([*path, "weights"], f"weights sum to {Decimal(total) / 100}, not 100")
-        return Split(key, raw.get("salt", service), tuple(weights), raw.get("whenKeyMissing", "default"))
+        return Split(key, raw.get("salt", service), tuple(weights), raw.get("whenKeyMissing", "default"),
+                     self.anonymous_cookie(raw, path, key))
+
+    def anonymous_cookie(self, raw: dict[str, Any], path: list[str | int],
+                         key: Field | None) -> AnonymousCookie | None:
+        """split.anonymousCookie, with its defaults, for whenKeyMissing: cookie; None otherwise."""
+        given = raw.get("anonymousCookie")
+        if raw.get("whenKeyMissing") != "cookie":
+            if given is not None:
+                self.problem([*path, "anonymousCookie"], "only used with whenKeyMissing: cookie")
+            return None
+        given = given or {}
+        cookie = AnonymousCookie(given.get("name", ANON_COOKIE_NAME), ANON_COOKIE_MAX_AGE)
+        if "maxAge" in given:
+            seconds = parse_cookie_age(given["maxAge"])
+            if not 1 <= seconds <= ANON_COOKIE_MAX_AGE_LIMIT:
+                self.problem([*path, "anonymousCookie", "maxAge"],
+                             f"{given['maxAge']} is outside 1s to 400d (browsers cap Max-Age at 400 days)")
+            cookie = AnonymousCookie(cookie.name, seconds)
+        if key is not None and key.kind == "cookie" and key.name == cookie.name:
+            self.problem([*path, "anonymousCookie", "name"],
+                         f"{cookie.name!r} is the split key's own cookie; the gateway would overwrite the key")
+        return cookie
 
     def service(self, raw: dict[str, Any], path: list[str | int]) -> Service:
         listen = parse_listen(raw["listen"])
@@ -395,3 +418,15 @@ class RolloutChecker(_Reporter):
                 self.problem([*path, "prometheus", "url"], refused)
         return Analysis(interval, int(raw.get("minRequests", 0)), raw.get("maxErrorRate"), raw.get("maxP99LatencyMs"),
                         relative, raw.get("maxErrorRateFactor"), raw.get("maxP99LatencyFactor"), queries)
+
+
+# Sticky anonymous visitors (split.whenKeyMissing: cookie): the cookie's defaults and bounds.
+ANON_COOKIE_NAME = "ga_anon"
+ANON_COOKIE_MAX_AGE = 30 * 86400
+ANON_COOKIE_MAX_AGE_LIMIT = 400 * 86400  # RFC 6265bis: user agents cap Max-Age at 400 days
+_COOKIE_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_cookie_age(text: str) -> int:
+    """A cookie lifetime such as '3600s', '90m', '12h', '30d' (whole units; the schema checks the form), in seconds."""
+    return int(text[:-1]) * _COOKIE_AGE_UNITS[text[-1]]

@@ -14,7 +14,8 @@ from importlib import resources
 from typing import Any
 
 from grayagent.rules.model import CidrCondition, Field, Service, ValueCondition
-from grayagent.rules.routing import split_parts
+from grayagent.rules.modeldata import AnonymousCookie
+from grayagent.rules.routing import cookie_attributes, split_parts
 
 LUA_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 _./:@-")
 
@@ -97,4 +98,11 @@ def service_table(svc: Service, inputs: RuleInputs) -> dict[str, Any]:
             # The last part takes the rest; 2^32 is above every bucket.
             "parts": [[p.boundary if p.boundary is not None else 1 << 32, p.upstream] for p in parts],
         }
+        if svc.split.anonymous_cookie is not None:
+            config["split"]["anon"] = anonymous_table(svc.split.anonymous_cookie)
     return config
+
+
+def anonymous_table(cookie: AnonymousCookie) -> dict[str, Any]:
+    """split.anon for the Lua core (whenKeyMissing: cookie): the cookie's name and its Set-Cookie attributes."""
+    return {"name": cookie.name, "attributes": cookie_attributes(cookie)}

@@ -95,6 +95,8 @@ def _inputs(svc: Service) -> RuleInputs:
     fields: dict[Field, None] = dict.fromkeys(base.fields)
     if svc.split is not None and svc.split.key is not None:
         fields.setdefault(svc.split.key)
+    if svc.split is not None and svc.split.anonymous_cookie is not None:
+        fields.setdefault(Field("cookie", svc.split.anonymous_cookie.name))
     return RuleInputs(tuple(fields), base.cidrs)
 
 
@@ -104,6 +106,8 @@ def service_data(svc: Service) -> dict[str, Any]:
     config = service_table(svc, inputs)  # default, inputs, cidrs, split: exactly what the Envoy filter gets
     if svc.split is not None and svc.split.key is not None:
         config["split"]["key_input"] = inputs.fields.index(svc.split.key) + 1
+    if svc.split is not None and svc.split.anonymous_cookie is not None:
+        config["split"]["anon"]["input"] = inputs.fields.index(Field("cookie", svc.split.anonymous_cookie.name)) + 1
     rules = []
     for rule in svc.rules:
         conds: list[dict[str, Any]] = []

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from grayagent.rules.model import CidrCondition, Field, Release, Service, StringMatch, ValueCondition, iter_value_fields
 from grayagent.rules.regexsubset import regex_literal
-from grayagent.rules.routing import COOKIE_PATTERN, QUERY_PATTERN, split_parts
+from grayagent.rules.routing import COOKIE_PATTERN, QUERY_PATTERN, SplitPart, cookie_attributes, split_parts
 from grayagent.targets.layout import upstream_id
 from grayagent.targets.nginx_server import catch_all_servers, loopback_server, server_names_hash, service_server
 
@@ -145,13 +145,11 @@ def _service_blocks(index: int, svc: Service, options: NginxOptions, first_on_li
             if split.key is None or split.when_key_missing == "random":
                 key_missing = fallback  # with a key, a missing one still means the default upstream
         else:
-            lines = "".join(
-                f"    {'*' if p.boundary is None else f'{p.hundredths // 100}.{p.hundredths % 100:02d}%'} "
-                f"{upstream_block_name(svc, p.upstream)};\n" for p in parts)
+            lines = _split_clients_lines(svc, parts)
             if split.key is not None:
                 out.append(f'split_clients "{split.salt}${{{_field_var(split.key)[1:]}}}" ${var}_split {{\n{lines}}}\n')
                 fallback = f"${var}_split"
-            if split.key is None or split.when_key_missing == "random":
+            if (split.key is None and split.anonymous_cookie is None) or split.when_key_missing == "random":
                 out.append(f'split_clients "${{request_id}}" ${var}_rsplit {{\n{lines}}}\n')
                 key_missing = f"${var}_rsplit"
                 if split.key is None:
@@ -160,6 +158,10 @@ def _service_blocks(index: int, svc: Service, options: NginxOptions, first_on_li
             out.append(f'map {_field_var(split.key)} ${var}_k {{\n    "" 0;\n    default 1;\n}}\n')
             source += f":${{{var}_k}}"
             rule_patterns.append(("~:0$", "", ""))
+        if split.anonymous_cookie is not None:
+            key_missing = _anonymous_visitor(out, var, svc, parts)
+            if split.key is None:
+                fallback = key_missing
 
     entries = []
     rule_entries = []
@@ -173,9 +175,61 @@ def _service_blocks(index: int, svc: Service, options: NginxOptions, first_on_li
         out.append(f'map "{source}" ${var}_rule {{\n{"".join(rule_entries)}    default -;\n}}\n')
         target = f"${var}_up"
 
+    set_cookie = _set_cookie(out, var, svc, source, rule_patterns)
     out.append(service_server(svc, options.reuseport and first_on_listen, options.access_log,
-                              f"        proxy_pass http://{target};\n"))
+                              set_cookie + f"        proxy_pass http://{target};\n"))
     return out
+
+
+def _split_clients_lines(svc: Service, parts: tuple[SplitPart, ...]) -> str:
+    """The body of a split_clients block: nginx's percentages, the last part `*`."""
+    return "".join(f"    {'*' if p.boundary is None else f'{p.hundredths // 100}.{p.hundredths % 100:02d}%'} "
+                   f"{upstream_block_name(svc, p.upstream)};\n" for p in parts)
+
+
+# ---------------------------------------------------------------------------------------------- anonymous visitors
+# whenKeyMissing: cookie (routing.anonymous_split). Per service `var`:
+#   $<var>_ack     the first anonymous cookie's raw value (routing.COOKIE_PATTERN, as every cookie field);
+#   $<var>_aid     the well-formed ID in it (routing.anonymous_id), else $request_id: 16 random
+#                  bytes as 32 lowercase hex digits, the same form, and one value per request (cacheable);
+#   $<var>_asplit  split_clients over salt + ID, the same cut as the key's;
+#   $<var>_anew    the Set-Cookie value for $request_id when the cookie holds no ID, else "";
+#   $<var>_setck   $<var>_anew when the anonymous path decided (no rule, no key), else "": `add_header` sends
+#                  nothing for an empty value (ngx_http_add_header: `if (value->len)`), and adds to what the
+#                  upstream sent rather than replacing its own Set-Cookie headers.
+_ANON_ID_KEY = "~^[ \\x09]*([0-9a-f]{32})[ \\x09]*\\z"
+EMPTY = '""'  # an nginx empty string
+
+
+def _anonymous_visitor(out: list[str], var: str, svc: Service, parts: tuple[SplitPart, ...]) -> str:
+    """Append the maps that read and assign the visitor's ID; return where a keyless request goes."""
+    assert svc.split is not None and svc.split.anonymous_cookie is not None
+    split, cookie = svc.split, svc.split.anonymous_cookie
+    extract = quote("~" + COOKIE_PATTERN.format(name=regex_literal(cookie.name)))
+    new_cookie = quote(f"{cookie.name}=$request_id{cookie_attributes(cookie)}")
+    out.append(f"# anonymous visitors: cookie {cookie.name}\n"
+               f"map $http_cookie ${var}_ack {{\n    {extract} $1;\n    default \"\";\n}}\n"
+               f"map ${var}_ack ${var}_aid {{\n    {quote(_ANON_ID_KEY)} $1;\n    default $request_id;\n}}\n"
+               f"map ${var}_ack ${var}_anew {{\n    {quote(_ANON_ID_KEY)} \"\";\n    default {new_cookie};\n}}\n")
+    if len(parts) == 1:
+        return upstream_block_name(svc, parts[0].upstream)
+    out.append(f'split_clients "{split.salt}${{{var}_aid}}" ${var}_asplit {{\n{_split_clients_lines(svc, parts)}}}\n')
+    return f"${var}_asplit"
+
+
+def _set_cookie(out: list[str], var: str, svc: Service, source: str,
+                rule_patterns: list[tuple[str, str, str]]) -> str:
+    """The location's add_header line for the anonymous cookie ("" without one), and the map it reads."""
+    split = svc.split
+    if split is None or split.anonymous_cookie is None:
+        return ""
+    new = f"${var}_anew"
+    if rule_patterns:
+        # The decision map's own patterns: a rule's -> nothing; the missing key's (keyless: the default) -> new.
+        entries = "".join(f"    {quote(pattern)} {EMPTY if to else new};\n" for pattern, to, _ in rule_patterns)
+        out.append(f'map "{source}" ${var}_setck {{\n{entries}    default {EMPTY if split.key else new};\n}}\n')
+        new = f"${var}_setck"
+    return f"        add_header Set-Cookie {new} always;\n"
 
 
 def render(release: Release, version: int, digest: str, options: NginxOptions = NginxOptions()) -> str:

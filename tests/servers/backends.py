@@ -72,7 +72,8 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(backend.delay)
         body = backend.name.encode()
         code = f"{backend.fail_status} Failing" if failing else "200 OK"
-        head = (f"HTTP/1.1 {code}\r\nX-Backend: {backend.name}\r\nContent-Type: text/plain\r\n"
+        extra = "".join(f"{k}: {v}\r\n" for k, v in backend.extra_headers)
+        head = (f"HTTP/1.1 {code}\r\nX-Backend: {backend.name}\r\nContent-Type: text/plain\r\n{extra}"
                 f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
         self.wfile.write(head + (b"" if self.command == "HEAD" else body))
 
@@ -98,6 +99,7 @@ class Backend:
         self.fail_status = 503
         self.delay = 0.0
         self._fail_debt = 0.0
+        self.extra_headers: list[tuple[str, str]] = []  # sent with every answer (e.g. the app's own Set-Cookie)
 
     def fail(self, ratio: float, status: int = 503) -> Backend:
         """Answer `ratio` of the requests with `status`, spread evenly (every 10th at 0.1), not at random."""
