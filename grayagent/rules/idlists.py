@@ -59,6 +59,7 @@ def check_lists(raw: dict[str, Any], source: str) -> tuple[tuple[IdList, ...], l
             problems.append(Problem(source, format_path([*path, "file"]),
                                     "a stored document holds its IDs as values; file: is read by validate, publish "
                                     "and route --file from the operator's disk, relative to the document"))
+            lists.append(IdList(name, ()))  # known, so its matchers report nothing more
             continue
         values: list[str] = entry["values"]
         total += len(values)
