@@ -274,3 +274,20 @@ def test_100k_ids_render_and_the_proxies_accept_them(tmp_path: Path) -> None:
     assert data.count("\n") < 10  # one string per list: no 100,000-entry table constructor
     proxycheck.check_nginx(release, "rules.json", os.environ.get("NGINX_BIN", "nginx"))
     proxycheck.check_envoy(release, "rules.json", envoy_binary())
+
+
+def test_data_too_large_for_the_dict_is_refused_before_anything_changes(tmp_path: Path) -> None:
+    from grayagent.targets.nginx_dynamic import NginxDynamicSettings, NginxDynamicTarget
+
+    options = DynamicOptions(lua_dir="/x", dict_size="1m", max_push_size="512k")
+    assert nginx_dynamic_render.data_too_large(300_000, options) is None
+    assert "must hold three generations" in (nginx_dynamic_render.data_too_large(400_000, options) or "")
+    assert "push limit (512k)" in (nginx_dynamic_render.data_too_large(600_000, options) or "")
+    conf = tmp_path / "conf.d" / "grayagent.conf"
+    conf.parent.mkdir()
+    target = NginxDynamicTarget(NginxDynamicSettings(conf=conf, dict_size="1m", control_listen="127.0.0.1:1"))
+    content = dump(_doc({"beta": {"values": [f"user-{i:06d}" for i in range(40_000)]}}))
+    release = parse_document(content, "rules.json")
+    result = target.apply(target.render(release, 1, digest_of(content)), 1, digest_of(content))
+    assert not result.ok and result.error is not None and "shared dict grayagent_routes (1m)" in result.error
+    assert list(conf.parent.iterdir()) == []  # nothing written

@@ -38,6 +38,7 @@ LUA_DIR = "grayagent-lua"        # next to the skeleton file
 LUA_FILES = ("grayroute_core.lua", "grayroute_nginx.lua")
 DATA_FILE = "grayagent-routes.lua"  # the last data pushed successfully (the agent's last-good)
 MODULE = "grayroute_nginx"
+DEFAULT_DICT_SIZE = "128m"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +50,9 @@ class DynamicOptions:
     conf_name: str = "grayagent.conf"
     keepalive: int = 32
     reuseport: bool = False
-    dict_size: str = "32m"
+    # The dict holds the pushed data's current and previous generation, and during a topology change a
+    # third (the next skeleton's): 128m keeps 1,000,000 short IDs (about 12 MB of data each) three times.
+    dict_size: str = DEFAULT_DICT_SIZE
     max_push_size: str = "64m"
     access_log: str = ""  # per-request JSON lines for rollout figures, as in reload mode; "" = off
     # The file (0600, root's) holding the secret that signs every push: loopback alone would let any local
@@ -189,3 +192,22 @@ def render(release: Release, version: int, digest: str, options: DynamicOptions)
     for name in LUA_FILES:
         files[f"{LUA_DIR}/{name}"] = lua_source(name)
     return files
+
+
+def _size_bytes(text: str) -> int:
+    """An nginx size ("64k", "128m", "1g", "4096") in bytes."""
+    scale = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(text[-1:].lower(), 1)
+    return int(text[:-1] if scale > 1 else text) * scale
+
+
+def data_too_large(size: int, options: DynamicOptions) -> str | None:
+    """Why nginx would refuse routing data of `size` bytes (the push body limit, or a shared dict that must
+    hold three generations of it); None when it fits. Checked before anything changes, so a document with
+    a huge ID list is one clear error instead of a refused push."""
+    if size > _size_bytes(options.max_push_size):
+        return (f"the routing data is {size} bytes, over the control server's push limit "
+                f"({options.max_push_size}); make the ID lists smaller")
+    if 3 * size > _size_bytes(options.dict_size):
+        return (f"the routing data is {size} bytes; the shared dict {DICT_NAME} ({options.dict_size}) must hold "
+                "three generations of it: make the ID lists smaller or the dict larger")
+    return None

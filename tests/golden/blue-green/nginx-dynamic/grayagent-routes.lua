@@ -2,4 +2,4 @@
 -- empty environment.
 local S = {}
 S["checkout"] = (function() return {["default"] = "blue", ["inputs"] = {{"cookie", "uid"}}, ["cidrs"] = {}, ["split"] = {["salt"] = "checkout", ["key"] = {"cookie", "uid"}, ["when_key_missing"] = "default", ["parts"] = {{4294967296, "green"}}, ["key_input"] = 1}, ["rules"] = {}, ["upstreams"] = {["blue"] = "grayagent.checkout.blue", ["green"] = "grayagent.checkout.green"}} end)()
-return {version = 7, digest = "sha256:fb35535bdbf35af8fa33c0533c237b6e4d339d17d6acd354cd9623f82849993c", fingerprint = "f79e1ff8a654fd9897e36795b2e161f3", release = "bluegreen", services = S}
+return {version = 7, digest = "sha256:fb35535bdbf35af8fa33c0533c237b6e4d339d17d6acd354cd9623f82849993c", fingerprint = "830feb3f12971c6d70fc26cca1cab3b7", release = "bluegreen", services = S}
