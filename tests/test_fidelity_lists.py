@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from grayagent.rules.model import parse_document
+from tests.agenthelp import dynamic_target, nginx_target, wait_live
 from tests.docs import document, dump, service
 from tests.envoyhelp import envoy_instance, envoy_target, wait_target_live
 from tests.fidelity import FidelityRequest, send_all
@@ -24,7 +25,6 @@ from tests.servers.envoy import EnvoyInstance
 from tests.servers.nginx import NginxInstance, lua_available
 from tests.servers.proc import free_port
 from tests.test_fidelity_three_way import _apply, _with_ports
-from tests.agenthelp import dynamic_target, nginx_target, wait_live
 
 UPSTREAMS = ("stable", "canary", "beta")
 HOSTILE = ["default", "include", "hostnames", "volatile", "~x", "~*X", "\\", "\\default", '"', "'", ";", "{", "}",

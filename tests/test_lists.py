@@ -18,7 +18,7 @@ from grayagent.rules.model import parse_document
 from grayagent.rules.routing import Request, route
 from grayagent.stores.base import digest_of
 from grayagent.targets import envoy_render, nginx_dynamic_render, nginx_render
-from grayagent.targets.nginx_dynamic_render import DATA_FILE, DynamicOptions
+from grayagent.targets.nginx_dynamic_render import DynamicOptions
 from tests.agenthelp import dynamic_target, grayagent
 from tests.docs import document, dump, service
 from tests.servers.envoy import envoy_binary
@@ -146,8 +146,9 @@ def test_file_errors_name_the_document_the_field_the_file_and_the_line(tmp_path:
     ]
     (tmp_path / "docs" / "bad.txt").write_bytes(b"\xff\n")
     (tmp_path / "docs" / "missing.txt").write_bytes(b"1\n1\n")
-    problems = [str(p) for p in pytest.raises(InvalidDocument, usecases.read_file, str(path)).value.problems]
-    assert problems == [f"{path}: spec.lists.beta.file: bad.txt: not UTF-8 (byte 0)"]
+    with pytest.raises(InvalidDocument) as again:
+        usecases.read_file(str(path))
+    assert [str(p) for p in again.value.problems] == [f"{path}: spec.lists.beta.file: bad.txt: not UTF-8 (byte 0)"]
 
 
 def test_publish_stores_the_ids_never_the_file(tmp_path: Path) -> None:
