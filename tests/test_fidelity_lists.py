@@ -10,21 +10,15 @@ variants, prefixes and extensions, empty and absent values, and hostile non-memb
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from grayagent.rules.model import parse_document
 from tests.agenthelp import dynamic_target, nginx_target, wait_live
 from tests.docs import document, dump, service
-from tests.envoyhelp import envoy_instance, envoy_target, wait_target_live
+from tests.envoyhelp import envoy_target, wait_target_live
 from tests.fidelity import FidelityRequest, send_all
-from tests.servers.envoy import EnvoyInstance
-from tests.servers.nginx import NginxInstance, lua_available
 from tests.servers.proc import free_port
-from tests.test_fidelity_three_way import _apply, _with_ports
+from tests.test_fidelity_three_way import _apply, _with_ports, envoy, lua_nginx  # noqa: F401 - fixtures
 
 UPSTREAMS = ("stable", "canary", "beta")
 HOSTILE = ["default", "include", "hostnames", "volatile", "~x", "~*X", "\\", "\\default", '"', "'", ";", "{", "}",
@@ -89,22 +83,7 @@ def lists_requests(n: int, seed: int = 151515) -> list[FidelityRequest]:
     return out
 
 
-@pytest.fixture
-def envoy(tmp_path: Path) -> Iterator[EnvoyInstance]:
-    yield from envoy_instance(tmp_path)
-
-
-@pytest.fixture
-def lua_nginx(tmp_path: Path) -> Iterator[NginxInstance | None]:
-    if not lua_available():
-        yield None
-        return
-    instance = NginxInstance(tmp_path / "nginx-dynamic", lua=True).start()
-    yield instance
-    instance.stop()
-
-
-def test_lists_agree_in_every_target(nginx, lua_nginx, envoy, backends) -> None:
+def test_lists_agree_in_every_target(nginx, lua_nginx, envoy, backends) -> None:  # noqa: F811 - fixtures
     backend_ports = {n: b.port for n, b in backends.items()}
     ports = {"nginx": free_port(), "envoy": free_port(), "dynamic": free_port()}
     doc = lists_document(backend_ports, ports["nginx"])
