@@ -292,3 +292,14 @@ def test_data_too_large_for_the_dict_is_refused_before_anything_changes(tmp_path
     result = target.apply(target.render(release, 1, digest_of(content)), 1, digest_of(content))
     assert not result.ok and result.error is not None and "shared dict grayagent_routes (1m)" in result.error
     assert list(conf.parent.iterdir()) == []  # nothing written
+
+
+def test_case_twins_that_nginx_cannot_hold_in_one_map_value_are_refused() -> None:
+    twins = ["".join(c.upper() if (i >> k) & 1 else c for k, c in enumerate("abcdefghijklmnop")) + "x" * 230
+             for i in range(20)]  # 20 IDs of 246 bytes, all equal up to case
+    assert _problems(_doc({"beta": {"values": ["1", *twins]}})) == [
+        "rules.json: spec.lists.beta.values[17]: 'abcdEfghijklmnopxxxxxxxxxxxxxxxxxxxx... and the IDs "
+        "equal to it up to ASCII case take 4216 bytes in nginx's map, over 4000: nginx compares map keys "
+        "case-insensitively and keeps them together; drop some of these case variants"]
+    release = parse_document(dump(_doc({"beta": {"values": twins[:16]}})), "rules.json")
+    proxycheck.check_nginx(release, "rules.json", os.environ.get("NGINX_BIN", "nginx"))

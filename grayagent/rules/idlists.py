@@ -74,6 +74,8 @@ def check_lists(raw: dict[str, Any], source: str) -> tuple[tuple[IdList, ...], l
                 bad += 1
                 if bad <= 10:
                     problems.append(Problem(source, format_path([*path, "values", i]), f"{_short(value)} {why}"))
+        if not bad and (twins := _case_twins_problem(values)) is not None:
+            problems.append(Problem(source, format_path([*path, "values", twins[0]]), twins[1]))
         if len(set(values)) != len(values):
             first, again = _first_duplicate(values) or (0, 0)
             problems.append(Problem(source, format_path([*path, "values", again]),
@@ -82,6 +84,30 @@ def check_lists(raw: dict[str, Any], source: str) -> tuple[tuple[IdList, ...], l
     if total > MAX_LIST_IDS:
         problems.append(Problem(source, "spec.lists", f"{total} IDs in all; the limit is {MAX_LIST_IDS}"))
     return tuple(lists), problems
+
+
+# nginx refuses a config token over 4 KB ("too long parameter"); the reload renderer writes the IDs equal up
+# to ASCII case as one map value (nginx_render.list_maps), each as \t and the ID, with \\, \" and $ escaped.
+NGINX_TOKEN_LIMIT = 4000
+
+
+def _case_twins_problem(values: list[str]) -> tuple[int, str] | None:
+    """The index of the first ID whose case twins (IDs equal up to ASCII case) no longer fit one nginx
+    map value, and why; None when they fit. Unicode lowering folds at least what ASCII folding does, so
+    a list without Unicode twins (the usual case, one pass in C) has none."""
+    if len(set(map(str.lower, values))) == len(values):
+        return None
+    used: dict[str | bytes, int] = {}
+    for i, value in enumerate(values):
+        fold = value.lower() if value.isascii() else value.encode("utf-8").lower()
+        size = used.get(fold, 0) + 2 + len(value.encode("utf-8")) + value.count("\\") + value.count('"') \
+            + 11 * value.count("$")
+        if size > NGINX_TOKEN_LIMIT:
+            return i, (f"{_short(value)} and the IDs equal to it up to ASCII case take {size} bytes in nginx's map, "
+                       f"over {NGINX_TOKEN_LIMIT}: nginx compares map keys case-insensitively and keeps them "
+                       "together; drop some of these case variants")
+        used[fold] = size
+    return None
 
 
 def _short(value: str, limit: int = 40) -> str:
