@@ -42,7 +42,7 @@ def check_nginx(release: Release, source: str, binary: str = "nginx", timeout: f
         root = Path(tmp)
         (root / "tmp").mkdir()
         conf = root / "grayagent.conf"
-        conf.write_text(render_nginx(release, 0, "check"), encoding="ascii")
+        conf.write_text(render_nginx(release, 0, "check"), encoding="utf-8")  # ID lists may hold unicode
         main = root / "nginx.conf"
         main.write_text(_NGINX_MAIN.format(root=root, conf=conf), encoding="ascii")
         done = _run([binary, "-t", "-q", "-p", str(root), "-e", str(root / "error.log"), "-c", str(main)],

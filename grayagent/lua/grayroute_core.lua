@@ -201,8 +201,8 @@ function M.random_uint32()
   return floor(math.random() * 4294967296)
 end
 
--- One string matcher (routing.string_matches). match = {kind = "exact"|"prefix"|"in"|"regex"|"present",
--- values = {...}, present = bool}; value is "" when absent. regex_find(value, pattern) -> bool is the
+-- One string matcher (routing.string_matches). match = {kind = "exact"|"prefix"|"in"|"regex"|"present"|"list",
+-- values = {...}, present = bool, set = an id_set for "list"}; value is "" when absent. regex_find(value, pattern) -> bool is the
 -- adapter's regex engine (PCRE in nginx), since plain Lua has none.
 function M.string_matches(match, value, regex_find)
   local kind = match.kind
@@ -218,7 +218,17 @@ function M.string_matches(match, value, regex_find)
     return false
   end
   if kind == "regex" then return regex_find(value, values[1]) end
+  if kind == "list" then return match.set ~= nil and match.set[value] == true end
   return false
+end
+
+-- A named ID list as the renderers serialise it: one string, IDs joined by "\n" (IDs hold no control
+-- characters). One string constant instead of a table constructor: LuaJIT allows 65,536 constants per
+-- function, and a list may hold 1,000,000 IDs. Returns the set {id = true}.
+function M.id_set(joined)
+  local set = {}
+  for id in string.gmatch(joined, "[^\n]+") do set[id] = true end
+  return set
 end
 
 -- The split decision (routing.route step 2). split = {salt, parts, key = {kind, name} or nil,

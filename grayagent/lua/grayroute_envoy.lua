@@ -1,10 +1,12 @@
 -- grayroute_envoy: the Envoy Lua filter adapter. The renderer (grayagent/targets/envoy_render.py)
--- prepends `local grayroute = <grayroute_core.lua>` and `local PREFIX, SERVICES = <config>`.
+-- prepends `local grayroute = <grayroute_core.lua>` and `local PREFIX, SERVICES = <config>` (and LISTS,
+-- name -> ID set, when a rule tests a list).
 --
 -- Per request it publishes, for the Envoy route entries to match on (all names under PREFIX, whose
 -- client-sent copies the listener's early header mutation has already removed):
 --   <PREFIX>in-<i>     the value of the service's i-th input field, only when non-empty (empty = absent);
 --   <PREFIX>cidr-<i>   "1" when the direct peer is in the service's i-th sourceCIDRs list;
+--   <PREFIX>list-<j>   "1" when the j-th (input, ID list) pair holds: the input's value is in the list;
 --   <PREFIX>split      the split's upstream (or the default one), set LAST: every rule and split route
 --                      requires it, so a script that fails half-way falls through to the default route.
 -- The route entry selected before this runs (the catch-all) names the service in its metadata.
@@ -70,6 +72,11 @@ function envoy_on_request(handle)
     local peer = grayroute.parse_peer(handle:streamInfo():downstreamDirectRemoteAddress())
     for i, list in ipairs(svc.cidrs) do hits[i] = grayroute.in_cidrs(list, peer) end
   end
+  local in_list = {}
+  if svc.lists ~= nil then
+    -- {input index, list name} pairs: membership in a set built once per Lua state; "" is never an ID.
+    for j, pair in ipairs(svc.lists) do in_list[j] = LISTS[pair[2]][values[pair[1]]] == true end
+  end
   local upstream = svc.default
   if svc.split ~= nil then
     local key = ""
@@ -86,6 +93,9 @@ function envoy_on_request(handle)
   end
   for i = 1, #hits do
     if hits[i] then headers:replace(PREFIX .. "cidr-" .. i, "1") end
+  end
+  for j = 1, #in_list do
+    if in_list[j] then headers:replace(PREFIX .. "list-" .. j, "1") end
   end
   headers:replace(PREFIX .. "split", upstream)
   -- Select the route again, now on our headers.

@@ -32,7 +32,7 @@ local token, token_file = nil, nil
 local function is_string(v) return type(v) == "string" end
 local function is_index(v, n) return type(v) == "number" and v >= 1 and v <= n and v % 1 == 0 end
 
-local MATCH_KINDS = {exact = true, prefix = true, ["in"] = true, regex = true, present = true}
+local MATCH_KINDS = {exact = true, prefix = true, ["in"] = true, regex = true, present = true, list = true}
 local INPUT_KINDS = {header = true, cookie = true, query = true, path = true}
 
 -- split.anon (whenKeyMissing: cookie): the cookie's input, and the Set-Cookie parts as plain header text.
@@ -98,6 +98,31 @@ local function header_var(name)
   return "http_" .. name:gsub("-", "_")
 end
 
+-- Named ID lists: data.lists = {name = "id\nid\n..."} (optional); each becomes a set once per parse.
+local function link_lists(data)
+  local sets = {}
+  if data.lists == nil then return sets end
+  if type(data.lists) ~= "table" then return nil, "malformed lists" end
+  for name, joined in pairs(data.lists) do
+    if not is_string(name) or not is_string(joined) then return nil, "malformed list " .. tostring(name) end
+    sets[name] = core.id_set(joined)
+  end
+  return sets
+end
+
+local function attach_sets(name, svc, sets)
+  for _, rule in ipairs(svc.rules) do
+    for _, cond in ipairs(rule.conds) do
+      local match = cond.match
+      if match ~= nil and match.kind == "list" then
+        match.set = sets[match.values[1]]
+        if match.set == nil then return "service " .. name .. ": unknown list " .. tostring(match.values[1]) end
+      end
+    end
+  end
+  return nil
+end
+
 -- Parse pushed data in an empty environment and check its shape. Returns the table, or nil and why.
 local function load_data(src)
   -- Text only: LuaJIT bytecode is not verified, and crafted bytecode escapes any sandbox.
@@ -111,8 +136,10 @@ local function load_data(src)
       or not is_string(data.fingerprint) or type(data.services) ~= "table" then
     return nil, "not grayagent routing data"
   end
+  local sets, problem = link_lists(data)
+  if sets == nil then return nil, problem end
   for name, svc in pairs(data.services) do
-    local problem = check_service(tostring(name), svc)
+    problem = check_service(tostring(name), svc) or attach_sets(tostring(name), svc, sets)
     if problem then return nil, problem end
     -- nginx variable names, computed once per parse instead of per request.
     for _, f in ipairs(svc.inputs) do

@@ -19,7 +19,8 @@ import yaml
 
 from grayagent.errors import InvalidDocument, Problem
 
-MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
+# 1,000,000 IDs in spec.lists take 10-20 MB; the agent's parse of that stays in seconds.
+MAX_DOCUMENT_BYTES = 32 * 1024 * 1024
 # A rule document nests about ten levels deep; the limit leaves room and keeps every later walk shallow.
 MAX_DEPTH = 64
 

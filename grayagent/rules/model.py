@@ -23,6 +23,7 @@ from grayagent.rules.modeldata import (
     Condition,
     Field,
     FieldKind,
+    IdList,
     IPNetwork,
     Listen,
     MatchKind,
@@ -49,7 +50,7 @@ from grayagent.rules.semantics import (
 
 __all__ = [
     "API_VERSION", "MAX_DEPTH", "MAX_DOCUMENT_BYTES", "Analysis", "CidrCondition", "Condition", "Field",
-    "FieldKind", "IPNetwork", "Listen", "MatchKind", "PrometheusQueries", "Release", "Rollout", "RolloutStep",
+    "FieldKind", "IPNetwork", "IdList", "Listen", "MatchKind", "PrometheusQueries", "Release", "Rollout", "RolloutStep",
     "Rule", "Service", "Split", "StringMatch", "Upstream", "ValueCondition", "document_name", "format_path",
     "iter_value_fields", "link_local_url", "load_data", "parse_document", "parse_duration", "parse_listen",
     "parse_weight", "reserved_listen_problems", "schema",

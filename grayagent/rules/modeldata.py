@@ -12,7 +12,7 @@ from typing import Literal
 API_VERSION = "grayagent/v1"
 
 FieldKind = Literal["header", "cookie", "query", "path"]
-MatchKind = Literal["exact", "prefix", "regex", "in", "present"]
+MatchKind = Literal["exact", "prefix", "regex", "in", "present", "list"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -26,11 +26,14 @@ class Field:
 
 @dataclass(frozen=True, slots=True)
 class StringMatch:
-    """One string matcher. `values` holds one string for exact/prefix/regex, several for `in`, none for present."""
+    """One string matcher. `values` holds one string for exact/prefix/regex, several for `in`, none for present,
+    the list's name for `list`."""
 
     kind: MatchKind
     values: tuple[str, ...] = ()
     present: bool = True
+    # kind "list": values holds the list's name, members its IDs (resolved at parse time, shared per list).
+    members: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,9 +161,18 @@ class Service:
 
 
 @dataclass(frozen=True, slots=True)
+class IdList:
+    """A named ID list (spec.lists), IDs in document order; `list` matchers hold its members as a frozenset."""
+
+    name: str
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Release:
     name: str
     services: tuple[Service, ...]
+    lists: tuple[IdList, ...] = ()
 
     def service(self, name: str) -> Service:
         for svc in self.services:

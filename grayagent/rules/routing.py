@@ -163,6 +163,8 @@ def string_matches(match: StringMatch, value: str) -> bool:
         return value.startswith(match.values[0])
     if match.kind == "in":
         return value in match.values
+    if match.kind == "list":
+        return value in match.members
     return _regex(match.values[0]).search(value.encode("utf-8", "surrogateescape")) is not None
 
 

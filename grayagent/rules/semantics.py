@@ -10,6 +10,7 @@ from typing import Any, cast
 
 from grayagent.errors import Problem
 from grayagent.rules.docload import format_path
+from grayagent.rules.idlists import check_lists
 from grayagent.rules.modeldata import (
     Analysis,
     AnonymousCookie,
@@ -188,8 +189,12 @@ class _Reporter:
 class MatchChecker(_Reporter):
     """A rule's match: string matchers, header names, source CIDRs."""
 
+    lists: dict[str, frozenset[str]]  # spec.lists by name: `list` matchers resolve to these members
+
     def string_match(self, raw: dict[str, Any], path: list[str | int], kind: str) -> StringMatch:
         match_kind, value = next(iter(raw.items()))
+        if match_kind == "list":
+            return self.list_match(value, [*path, "list"])
         if match_kind == "present":
             return StringMatch("present", (), bool(value))
         if match_kind == "regex":
@@ -241,6 +246,12 @@ class MatchChecker(_Reporter):
         if raw["to"] not in upstreams:
             self.problem([*path, "to"], f"unknown upstream {raw['to']!r}")
         return Rule(raw["name"], tuple(conditions), raw["to"])
+
+    def list_match(self, name: str, path: list[str | int]) -> StringMatch:
+        members = getattr(self, "lists", {}).get(name)
+        if members is None:
+            self.problem(path, f"unknown list {name!r} (spec.lists)")
+        return StringMatch("list", (name,), members=members or frozenset())
 
 
 class ReleaseChecker(_Reporter):
@@ -328,6 +339,9 @@ class ReleaseChecker(_Reporter):
                        raw["default"], tuple(rules), split, rollout)
 
     def release(self, data: dict[str, Any]) -> Release:
+        lists, list_problems = check_lists(data["spec"].get("lists", {}), self.source)
+        self.problems.extend(list_problems)
+        self.matches.lists = {id_list.name: frozenset(id_list.values) for id_list in lists}
         services: list[Service] = []
         seen: set[str] = set()
         bindings: dict[tuple[int, str], str] = {}
@@ -347,7 +361,7 @@ class ReleaseChecker(_Reporter):
                                  f"port {svc.listen.port} with {shown} is already used by service {owner!r}")
                 bindings[binding] = svc.name
             services.append(svc)
-        return Release(data["metadata"]["name"], tuple(services))
+        return Release(data["metadata"]["name"], tuple(services), lists)
 
 
 class RolloutChecker(_Reporter):

@@ -8,23 +8,24 @@ bracket, newline or backslash from a document ever appears raw in Lua source.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from typing import Any
 
-from grayagent.rules.model import CidrCondition, Field, Service, ValueCondition
+from grayagent.rules.model import CidrCondition, Field, IdList, Service, ValueCondition
 from grayagent.rules.modeldata import AnonymousCookie
 from grayagent.rules.routing import cookie_attributes, split_parts
 
 LUA_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 _./:@-")
+_LUA_BYTE = [chr(b) if b in LUA_SAFE else f"\\{b:03d}" for b in range(256)]  # one lookup per byte: fast for lists
 
 
 def lua_string(value: str) -> str:
     """A double-quoted Lua string of the UTF-8 bytes of `value`: no quote, bracket, newline or backslash
     from the document ever appears raw. Always three digits, so a following digit cannot extend an escape."""
-    return '"' + "".join(chr(b) if b in LUA_SAFE else f"\\{b:03d}"
-                         for b in value.encode("utf-8", "surrogateescape")) + '"'
+    return '"' + "".join(map(_LUA_BYTE.__getitem__, value.encode("utf-8", "surrogateescape"))) + '"'
 
 
 def lua_literal(value: Any) -> str:
@@ -68,6 +69,7 @@ class RuleInputs:
 
     fields: tuple[Field, ...]
     cidrs: tuple[CidrCondition, ...]
+    lists: tuple[tuple[Field, str], ...] = ()  # (field, list name) pairs of `list` conditions (list_inputs)
 
     @classmethod
     def of(cls, svc: Service) -> RuleInputs:
@@ -79,7 +81,7 @@ class RuleInputs:
                     fields.setdefault(cond.field)
                 else:
                     cidrs.append(cond)
-        return cls(tuple(fields), tuple(cidrs))
+        return cls(tuple(fields), tuple(cidrs), tuple(list_inputs(svc)))
 
 
 def service_table(svc: Service, inputs: RuleInputs) -> dict[str, Any]:
@@ -89,6 +91,8 @@ def service_table(svc: Service, inputs: RuleInputs) -> dict[str, Any]:
         "inputs": [lua_field(f) for f in inputs.fields],
         "cidrs": [[lua_network(n) for n in c.networks] for c in inputs.cidrs],
     }
+    if pairs := list_inputs(svc):  # only with list conditions, so other documents render as before
+        config["lists"] = [[inputs.fields.index(fld) + 1, name] for fld, name in pairs]
     if svc.split is not None:
         parts = split_parts(svc.split)
         config["split"] = {
@@ -106,3 +110,20 @@ def service_table(svc: Service, inputs: RuleInputs) -> dict[str, Any]:
 def anonymous_table(cookie: AnonymousCookie) -> dict[str, Any]:
     """split.anon for the Lua core (whenKeyMissing: cookie): the cookie's name and its Set-Cookie attributes."""
     return {"name": cookie.name, "attributes": cookie_attributes(cookie)}
+
+
+def list_strings(services: Iterable[Service], lists: Iterable[IdList]) -> dict[str, str]:
+    """The ID lists these services' rules use, each as one string of its IDs joined by "\\n" (IDs hold no
+    control characters): grayroute_core.id_set builds the set at load time. One string constant per list,
+    never a table constructor: LuaJIT allows 65,536 constants per function."""
+    used = {c.match.values[0] for svc in services for r in svc.rules for c in r.conditions
+            if isinstance(c, ValueCondition) and c.match.kind == "list"}
+    return {lst.name: "\n".join(lst.values) for lst in lists if lst.name in used}
+
+
+def list_inputs(svc: Service) -> list[tuple[Field, str]]:
+    """The (field, list name) pairs a service's `list` conditions test, each once, in order; the Envoy
+    filter publishes pair j's hit as x-grayagent-list-<j>."""
+    pairs = {(c.field, c.match.values[0]): None for r in svc.rules for c in r.conditions
+             if isinstance(c, ValueCondition) and c.match.kind == "list"}
+    return list(pairs)

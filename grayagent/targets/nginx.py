@@ -51,7 +51,7 @@ class NginxTarget:
         self.last_good = LastGood(settings.conf, settings.conf.with_name(f".{settings.conf.name}.last-good"))
 
     def render(self, release: Release, version: int, digest: str) -> RenderedFiles:
-        return {self.settings.conf.name: render(release, version, digest, self.options).encode("ascii")}
+        return {self.settings.conf.name: render(release, version, digest, self.options).encode("utf-8")}
 
     # ------------------------------------------------------------------ process work
 

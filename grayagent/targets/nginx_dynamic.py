@@ -32,10 +32,12 @@ from grayagent.targets.nginx_access_log import AccessLogTailer
 from grayagent.targets.nginx_control import TOKEN_FILE, ControlClient, LiveState, ensure_token
 from grayagent.targets.nginx_dynamic_render import (
     DATA_FILE,
+    DEFAULT_DICT_SIZE,
     LUA_DIR,
     PUSH_PATH,
     VERSION_PATH,
     DynamicOptions,
+    data_too_large,
     render,
     skeleton_fingerprint,
 )
@@ -60,7 +62,7 @@ class NginxDynamicSettings:
     control_listen: str = "127.0.0.1:18089"     # loopback: version (GET) and push (POST) endpoints
     verify_timeout: float = 5.0
     reuseport: bool = False
-    dict_size: str = "32m"
+    dict_size: str = DEFAULT_DICT_SIZE
     access_log: Path | None = None              # JSON access log for rollout figures; None = off
 
 
@@ -158,6 +160,9 @@ class NginxDynamicTarget:
         fp = skeleton_fingerprint(skeleton)
         if fp is None:
             raise ValueError("not a dynamic-mode skeleton")  # a programming error, not an apply failure
+        if (too_large := data_too_large(len(data), self.options)) is not None:
+            result.error = too_large  # before anything changes: nothing to restore
+            return result
         self.last_good.remove_leftovers_once()
         # The skeleton nginx last verifiably served, never simply what is on disk (see nginx_process.LastGood).
         previous = self.last_good.read()

@@ -23,7 +23,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from grayagent.rules.model import CidrCondition, Field, Release, Service, StringMatch, ValueCondition, iter_value_fields
+from grayagent.rules.model import (
+    CidrCondition,
+    Field,
+    IdList,
+    Release,
+    Service,
+    StringMatch,
+    ValueCondition,
+    iter_value_fields,
+)
 from grayagent.rules.regexsubset import regex_literal
 from grayagent.rules.routing import COOKIE_PATTERN, QUERY_PATTERN, SplitPart, cookie_attributes, split_parts
 from grayagent.targets.layout import upstream_id
@@ -112,7 +121,8 @@ def upstream_blocks(svc: Service, keepalive: int) -> list[str]:
     return out
 
 
-def _service_blocks(index: int, svc: Service, options: NginxOptions, first_on_listen: bool = False) -> list[str]:
+def _service_blocks(index: int, svc: Service, options: NginxOptions, first_on_listen: bool = False,
+                    release_lists: tuple[IdList, ...] = ()) -> list[str]:
     var = f"ga_s{index}"
     out: list[str] = [f"# ---- service {svc.name} (variables ${var}_*)\n"]
     out.extend(upstream_blocks(svc, options.keepalive))
@@ -123,7 +133,9 @@ def _service_blocks(index: int, svc: Service, options: NginxOptions, first_on_li
         start = len(bits)
         for cond in rule.conditions:
             cvar = f"{var}_c{len(bits)}"
-            if isinstance(cond, ValueCondition):
+            if isinstance(cond, ValueCondition) and cond.match.kind == "list":
+                out.append(list_condition_map(release_lists, cond, f"${cvar}", rule.name))
+            elif isinstance(cond, ValueCondition):
                 body = "".join(f"    {line}\n" for line in _matcher_lines(cond.match))
                 out.append(f"# rule {rule.name}: {cond.field.kind} {cond.field.name}".rstrip() + "\n"
                            f"map {_field_var(cond.field)} ${cvar} {{\n{body}}}\n")
@@ -239,13 +251,15 @@ def render(release: Release, version: int, digest: str, options: NginxOptions = 
     hash_sizes = server_names_hash(release)
     if hash_sizes:
         body.insert(0, hash_sizes)
+    if release.lists:
+        body[:0] = list_maps(release)  # map_hash_* first: nginx sizes each map's hash when it reads the block
     if options.access_log:
         body.insert(0, ACCESS_LOG_FORMAT)
     seen_listens: set[str] = set()
     for index, svc in enumerate(release.services):
         first = str(svc.listen) not in seen_listens  # nginx takes reuseport once per address
         seen_listens.add(str(svc.listen))
-        body.extend(_service_blocks(index, svc, options, first))
+        body.extend(_service_blocks(index, svc, options, first, release.lists))
     body.extend(catch_all_servers(release))
     body.append(loopback_server(
         "The agent reads this to verify which version the running workers serve.", options.verify_listen,
@@ -254,3 +268,87 @@ def render(release: Release, version: int, digest: str, options: NginxOptions = 
         f'        return 200 "{version} {digest}\\n";\n'
         "    }\n"))
     return head + "\n".join(body)
+
+
+# ---------------------------------------------------------------------------------------------- ID lists
+#
+# A `list` condition is two maps. nginx's map hashes its keys lowercased (ngx_hash_add_key) and looks values
+# up lowercased (ngx_http_map_find: ngx_hash_strlow), so the hash alone would take "ABC" for "abc":
+# 1. one map per (list, field): the value -> "\t" + every ID of the list equal to it up to ASCII case,
+#    tab-separated (IDs hold no control characters), "" when none: one hash lookup;
+# 2. one map per condition over "<that>\t\t<value>": a regex holds only when one of those IDs is
+#    byte-equal to the value (PCRE's backreference is case-sensitive). A value not in the list gives
+#    "\t\t..." , which the anchored regex refuses at its second byte: O(1); otherwise O(ID length).
+# Every key is written `"\\<ID>"`: map strips one leading backslash and then reads the rest literally, so
+# no ID can be read as `default`, `include`, `hostnames`, `volatile`, a `~` regex or a `\\` escape. Map
+# values are nginx complex values: a `$` in an ID is written `${ga_dollar}` (a geo variable holding "$").
+
+_LIST_MATCH = "~^(?:\\t[^\\t]++)*?\\t([^\\t]++)(?:\\t[^\\t]++)*+\\t\\t\\1\\z"
+_PTR = 8  # sizeof(void *) in ngx_hash
+
+
+def _list_var(lists: tuple[IdList, ...], name: str, fld: Field) -> str:
+    index = next(i for i, lst in enumerate(lists) if lst.name == name)
+    return f"$ga_l{index}_{_field_var(fld)[1:]}"
+
+
+def _map_value(text: str) -> str:
+    """Text inside a double-quoted nginx map value: \\ and \" escaped, $ through ${ga_dollar}."""
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("$", "${ga_dollar}")
+
+
+def _hash_elt(key: bytes) -> int:
+    """NGX_HASH_ELT_SIZE: a pointer and the key with its 2-byte length, pointer-aligned."""
+    return _PTR + (len(key) + 2 + _PTR - 1) // _PTR * _PTR
+
+
+def _hash_sizes(lists: tuple[IdList, ...]) -> str:
+    """map_hash_* for the largest list: about one key per bucket (nginx starts its search 1000 below
+    max_size once max_size > 10000), each bucket room for 12 of the longest keys, so that a table is found
+    at once (12 keys in one bucket at load 1 happens with odds below 1e-9 per bucket)."""
+    largest = max(len(lst.values) for lst in lists)
+    longest = max(_hash_elt(v.encode("utf-8")) for lst in lists for v in lst.values)
+    bucket = (12 * longest + _PTR + 63) // 64 * 64
+    max_size = max(2048, largest + 1024)
+    return (f"# Sized for this document's ID lists.\n"
+            f"map_hash_bucket_size {bucket};\nmap_hash_max_size {max_size};\n")
+
+
+def list_maps(release: Release) -> list[str]:
+    """The hash sizes, the $ga_dollar helper and one lookup map per (list, field) the rules use."""
+    used: dict[tuple[str, Field], None] = {}
+    for svc in release.services:
+        for rule in svc.rules:
+            for cond in rule.conditions:
+                if isinstance(cond, ValueCondition) and cond.match.kind == "list":
+                    used.setdefault((cond.match.values[0], cond.field))
+    if not used:
+        return []
+    out = [_hash_sizes(release.lists), 'geo $ga_dollar {\n    default "$";\n}\n']
+    by_name = {lst.name: lst for lst in release.lists}
+    for name, fld in used:
+        values = by_name[name].values
+        # Fast path for the usual IDs: one scan of the whole list instead of escaping each ID.
+        joined = "\n".join(values)
+        plain = not any(c in joined for c in '\\"$')
+        groups: dict[str | bytes, list[str]] = {}
+        for value in values:  # nginx lowercases ASCII only (ngx_tolower); str.lower() does that for ASCII text
+            groups.setdefault(value.lower() if value.isascii() else value.encode("utf-8").lower(), []).append(value)
+        tab = "\\t"  # nginx reads \t in a quoted string as a tab
+        if plain:
+            lines = [f'    "\\\\{ids[0]}" "{tab}{tab.join(ids)}";\n' for ids in groups.values()]
+        else:
+            lines = [f'    {quote(chr(92) + ids[0])} "{tab}{tab.join(map(_map_value, ids))}";\n'
+                     for ids in groups.values()]
+        out.append(f"# list {name}: {fld.kind} {fld.name}".rstrip() + "\n"
+                   f"map {_field_var(fld)} {_list_var(release.lists, name, fld)} {{\n{''.join(lines)}"
+                   '    default "";\n}\n')
+    return out
+
+
+def list_condition_map(lists: tuple[IdList, ...], cond: ValueCondition, var: str, rule: str) -> str:
+    """The condition bit: 1 when the field's value is byte-equal to an ID of the list."""
+    found = _list_var(lists, cond.match.values[0], cond.field)
+    return (f"# rule {rule}: {cond.field.kind} {cond.field.name} in list {cond.match.values[0]}\n"
+            f'map "${{{found[1:]}}}\\t\\t${{{_field_var(cond.field)[1:]}}}" {var} {{\n'
+            f"    {quote(_LIST_MATCH)} 1;\n    default 0;\n}}\n")

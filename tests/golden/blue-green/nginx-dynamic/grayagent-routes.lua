@@ -2,4 +2,4 @@
 -- empty environment.
 local S = {}
 S["checkout"] = (function() return {["default"] = "blue", ["inputs"] = {{"cookie", "uid"}}, ["cidrs"] = {}, ["split"] = {["salt"] = "checkout", ["key"] = {"cookie", "uid"}, ["when_key_missing"] = "default", ["parts"] = {{4294967296, "green"}}, ["key_input"] = 1}, ["rules"] = {}, ["upstreams"] = {["blue"] = "grayagent.checkout.blue", ["green"] = "grayagent.checkout.green"}} end)()
-return {version = 7, digest = "sha256:fb35535bdbf35af8fa33c0533c237b6e4d339d17d6acd354cd9623f82849993c", fingerprint = "db390730247c644fc38b467cfa7edff2", release = "bluegreen", services = S}
+return {version = 7, digest = "sha256:fb35535bdbf35af8fa33c0533c237b6e4d339d17d6acd354cd9623f82849993c", fingerprint = "6d584479837068aed4d50a742b55457d", release = "bluegreen", services = S}
