@@ -12,6 +12,7 @@ from grayagent.errors import Problem
 from grayagent.rules.docload import format_path
 from grayagent.rules.modeldata import (
     Analysis,
+    Audience,
     CidrCondition,
     Condition,
     Field,
@@ -28,6 +29,7 @@ from grayagent.rules.modeldata import (
     StringMatch,
     Upstream,
     ValueCondition,
+    audience_rule_name,
 )
 from grayagent.rules.regexsubset import check_portable_regex
 from grayagent.text import is_decimal
@@ -248,6 +250,7 @@ class ReleaseChecker(_Reporter):
         super().__init__(source, [])
         self.matches = MatchChecker(source, self.problems)
         self.rollouts = RolloutChecker(source, self.problems)
+        self.rollouts.matches = self.matches  # audiences are matches, checked as rules are
 
     def split(self, raw: dict[str, Any], path: list[str | int], service: str, upstreams: set[str]) -> Split:
         key: Field | None = None
@@ -299,7 +302,8 @@ class ReleaseChecker(_Reporter):
         split = self.split(raw["split"], [*path, "split"], raw["name"], names) if "split" in raw else None
         rollout = None
         if "rollout" in raw:
-            rollout = self.rollouts.rollout(raw["rollout"], [*path, "rollout"], raw["default"], names, split)
+            rollout = self.rollouts.rollout(raw["rollout"], [*path, "rollout"], raw["default"], names, split,
+                                            tuple(rules))
         return Service(raw["name"], listen, tuple(h.lower() for h in raw.get("hosts", [])), upstreams,
                        raw["default"], tuple(rules), split, rollout)
 
@@ -329,8 +333,10 @@ class ReleaseChecker(_Reporter):
 class RolloutChecker(_Reporter):
     """A service's rollout section: steps against the split, and the analysis thresholds."""
 
+    matches: MatchChecker
+
     def rollout(self, raw: dict[str, Any], path: list[str | int], default: str, upstreams: set[str],
-                split: Split | None) -> Rollout:
+                split: Split | None, rules: tuple[Rule, ...] = ()) -> Rollout:
         canary, stable = raw["canary"], raw.get("stable", default)
         for key, name in (("canary", canary), ("stable", stable)):
             if name not in upstreams:
@@ -350,23 +356,28 @@ class RolloutChecker(_Reporter):
             others = sum(w for n, w in split.weights if n not in (stable, canary))
         steps: list[RolloutStep] = []
         for i, step in enumerate(raw["steps"]):
-            if "weight" in step:
-                hundredths = parse_weight(step["weight"])
-                if hundredths is None:
+            if "pause" in step and len(step) > 1:
+                self.problem([*path, "steps", i], f"a pause stands alone; got {', '.join(step)}")
+                continue
+            if "weight" in step or "audience" in step:
+                hundredths = parse_weight(step["weight"]) if "weight" in step else None
+                if "weight" in step and hundredths is None:
                     self.problem([*path, "steps", i, "weight"], f"{step['weight']} has more than two decimals")
                     continue
-                if hundredths + others > 10000:
+                if hundredths is not None and hundredths + others > 10000:
                     self.problem([*path, "steps", i, "weight"],
                                  f"{step['weight']}% plus the other upstreams' {Decimal(others) / 100}% exceeds 100")
-                steps.append(RolloutStep(weight=hundredths))
+                steps.append(RolloutStep(weight=hundredths, audience=step.get("audience")))
             elif step["pause"] == "manual":
                 steps.append(RolloutStep(manual=True))
             else:
                 steps.append(RolloutStep(pause=parse_duration(step["pause"])))
         analysis = self.analysis(raw["analysis"], [*path, "analysis"]) if "analysis" in raw else None
         max_duration = parse_duration(raw["maxDuration"]) if "maxDuration" in raw else None
+        audiences = self.audiences(raw, path, canary, rules)
+        self.ramp(raw, path, steps, split, canary, stable)
         return Rollout(canary, stable, tuple(steps), analysis, int(raw.get("failureLimit", 0)), max_duration,
-                       raw.get("onFailure", "revert"))
+                       raw.get("onFailure", "revert"), audiences=audiences)
 
     def analysis(self, raw: dict[str, Any], path: list[str | int]) -> Analysis:
         interval = parse_duration(raw["interval"])
@@ -393,3 +404,88 @@ class RolloutChecker(_Reporter):
                 self.problem([*path, "prometheus", "url"], refused)
         return Analysis(interval, int(raw.get("minRequests", 0)), raw.get("maxErrorRate"), raw.get("maxP99LatencyMs"),
                         relative, raw.get("maxErrorRateFactor"), raw.get("maxP99LatencyFactor"), queries)
+
+    # ---------------------------------------------------------------------------------------- audiences
+
+    def audiences(self, raw: dict[str, Any], path: list[str | int], canary: str,
+                  rules: tuple[Rule, ...]) -> tuple[Audience, ...]:
+        """rollout.audiences as the model, and the audience steps against them (docs/rollout.md "Audiences").
+
+        An audience becomes the rule `audience-NAME` -> canary, appended after the service's own rules. A rule of
+        that name may exist only as exactly that generated rule, after the service's own rules (a published
+        stage document holds it); anything else would be overwritten or shadowed.
+        """
+        audiences: list[Audience] = []
+        for name, match in raw.get("audiences", {}).items():
+            where = [*path, "audiences", name]
+            first = len(self.problems)
+            rule = self.matches.rule({"name": audience_rule_name(name), "match": match, "to": canary}, where,
+                                     {canary})
+            # rule() names a condition under `match`; an audience is the match itself.
+            prefix = format_path([*where, "match"])
+            for i in range(first, len(self.problems)):
+                bad = self.problems[i]
+                if bad.path == prefix or bad.path.startswith((prefix + ".", prefix + "[")):
+                    self.problems[i] = Problem(bad.source, format_path(where) + bad.path[len(prefix):], bad.message)
+            audiences.append(Audience(name, rule.conditions))
+        generated = {a.rule_name: a for a in audiences}
+        declared = [a.name for a in audiences]
+        own = [i for i, r in enumerate(rules) if r.name not in generated]
+        for i, rule in enumerate(rules):
+            audience = generated.get(rule.name)
+            if audience is None:
+                continue
+            if rule.to != canary or rule.conditions != audience.conditions or (own and own[-1] > i):
+                self.problem([*path, "audiences", audience.name],
+                             f"its rule name {rule.name!r} is taken by rules[{i}], which is not the rule the rollout "
+                             f"adds (the same match, to {canary!r}, after the service's own rules); rename the "
+                             "audience or that rule")
+        added: dict[str, int] = {}
+        for i, step in enumerate(raw["steps"]):
+            name = step.get("audience")
+            if name is None:
+                continue
+            if name not in declared:
+                known = ", ".join(declared) or "none is declared"
+                self.problem([*path, "steps", i, "audience"],
+                             f"unknown audience {name!r}; declare it under rollout.audiences (known: {known})")
+            elif name in added:
+                self.problem([*path, "steps", i, "audience"],
+                             f"audience {name!r} is already added by steps[{added[name]}]; audiences accumulate")
+            else:
+                added[name] = i
+        return tuple(audiences)
+
+    def ramp(self, raw: dict[str, Any], path: list[str | int], steps: list[RolloutStep], split: Split | None,
+             canary: str, stable: str) -> None:
+        """The ramp must be monotone: a user on the canary at one step stays on it at every later step.
+
+        nginx cuts a split into cumulative bucket ranges in listing order (routing.split_parts). Only the canary and
+        the stable upstream change weight, so the canary's range only grows, and nobody else moves, when the two
+        are neighbours with the canary first or last. Weights must not go down either.
+        """
+        highest: tuple[int, int] | None = None
+        for i, step in enumerate(raw["steps"]):
+            weight = parse_weight(step["weight"]) if "weight" in step else None
+            if weight is None:
+                continue
+            if highest is not None and weight < highest[1]:
+                self.problem([*path, "steps", i, "weight"],
+                             f"{step['weight']}% is below steps[{highest[0]}]'s {Decimal(highest[1]) / 100}%: a ramp "
+                             "only grows, so users on the canary stay there (to go back, abort the rollout)")
+            elif highest is None or weight > highest[1]:
+                highest = (i, weight)
+        if split is None or not any(s.weight is not None for s in steps):
+            return
+        order = [n for n, w in split.weights if n in (canary, stable) or w > 0]  # nginx leaves 0 % parts out
+        if canary not in order or stable not in order or len(order) <= 2:
+            return
+        c, s = order.index(canary), order.index(stable)
+        if (c == 0 and s == 1) or (c == len(order) - 1 and s == c - 1):
+            return
+        listed = [n for n, _ in split.weights]
+        rest = [n for n in listed if n not in (canary, stable)]
+        self.problem([*path[:-1], "split", "weights"],
+                     f"the rollout cannot ramp {canary!r} in this order ({', '.join(listed)}): users would move "
+                     f"between upstreams as the weights change; list them as {', '.join([canary, stable, *rest])} "
+                     f"or {', '.join([*rest, stable, canary])}")
