@@ -79,6 +79,7 @@ class RolloutRecord:
     reason: str | None = None
     rollback: RollbackTarget | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as they were
+    audiences: list[str] = field(default_factory=list)  # the audiences sent to the canary, in the order added
 
     @property
     def ended(self) -> bool:
@@ -114,6 +115,7 @@ class RolloutRecord:
         )
         if isinstance(data.get("rollback"), dict):
             rec.rollback = RollbackTarget.from_json(data["rollback"], rec)
+        rec.audiences = [str(a) for a in data.get("audiences") or []]
         return rec
 
     def to_json(self) -> dict[str, Any]:
@@ -134,4 +136,6 @@ class RolloutRecord:
             out["reason"] = self.reason
         if self.rollback is not None:
             out["rollback"] = self.rollback.to_json()
+        if self.audiences:
+            out["audiences"] = list(self.audiences)
         return out
