@@ -28,7 +28,8 @@ class Stage:
     audiences: tuple[str, ...] = ()
 
 
-def _number(hundredths: int) -> int | float:
+def percent(hundredths: int) -> int | float:
+    """Hundredths of a percent as a document writes the percentage: 10, 12.5."""
     return hundredths // 100 if hundredths % 100 == 0 else float(Decimal(hundredths) / 100)
 
 
@@ -80,10 +81,10 @@ def _set_weight(svc: dict[str, Any], source: str, canary: str, stable: str, hund
     weights: dict[str, Any] = svc["split"]["weights"]
     others = sum(parse_weight(v) or 0 for k, v in weights.items() if k not in (canary, stable))
     if hundredths + others > 10000:
-        raise UsageError(f"{source}: {svc['name']}: canary weight {_number(hundredths)} leaves no room for the others")
+        raise UsageError(f"{source}: {svc['name']}: canary weight {percent(hundredths)} leaves no room for the others")
     # In place: a dict keeps its keys' order, and the split's order decides who is where (routing.split_parts).
-    weights[stable] = _number(10000 - others - hundredths)
-    weights[canary] = _number(hundredths)
+    weights[stable] = percent(10000 - others - hundredths)
+    weights[canary] = percent(hundredths)
 
 
 def _set_audiences(svc: dict[str, Any], canary: str, audiences: tuple[str, ...]) -> None:
@@ -93,8 +94,13 @@ def _set_audiences(svc: dict[str, Any], canary: str, audiences: tuple[str, ...])
     own = [r for r in svc.get("rules", []) if r.get("name") not in generated]
     added = [{"name": audience_rule_name(name), "match": copy.deepcopy(declared[name]), "to": canary}
              for name in audiences]
-    if own or added or "rules" in svc:
+    if "rules" in svc:
         svc["rules"] = own + added
+    elif added:  # a new key goes where people write it, after `default`, so stage documents diff well
+        items = list(svc.items())
+        at = next((i + 1 for i, (k, _) in enumerate(items) if k == "default"), len(items))
+        svc.clear()
+        svc.update([*items[:at], ("rules", added), *items[at:]])
 
 
 def _dump(data: Any, content: bytes, source: str) -> bytes:
