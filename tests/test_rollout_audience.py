@@ -106,9 +106,9 @@ def test_split_orders_that_cannot_ramp_monotonically_are_refused() -> None:
         weights = dict(zip(order, ({"stable": 80, "canary": 0, "beta": 20}[n] for n in order), strict=True))
         assert problems(doc(ramp, {"weights": weights}, servers=three)) == [
             f"d: spec.services[0].split.weights: the rollout cannot ramp 'canary' in this order ({', '.join(order)}): "
-            "users would move between upstreams as the weights change; list them as canary, stable, beta or beta, "
-            "stable, canary"]
-    for order in (("canary", "stable", "beta"), ("beta", "stable", "canary")):
+            "users would move between upstreams as the weights change; list 'canary' right before 'stable', e.g. "
+            "beta, canary, stable, or last right after it: beta, stable, canary"]
+    for order in (("canary", "stable", "beta"), ("beta", "canary", "stable"), ("beta", "stable", "canary")):
         weights = {n: {"stable": 80, "canary": 0, "beta": 20}[n] for n in order}
         parse_document(doc(ramp, {"weights": weights}, servers=three), "d")
     # A 0 % upstream is no part of nginx's split: it does not separate the two.

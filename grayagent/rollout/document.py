@@ -17,7 +17,8 @@ from typing import Any
 import yaml
 
 from grayagent.errors import UsageError
-from grayagent.rules.model import Rollout, Service, audience_rule_name, load_data, parse_document, parse_weight
+from grayagent.rules.model import Rollout, Service, load_data, parse_document, parse_weight
+from grayagent.rules.modeldata import audience_rule_name
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,8 +15,14 @@ import structlog
 
 from grayagent.errors import GrayagentError
 from grayagent.rollout import steps
-from grayagent.rollout.document import Stage, canary_weight, rollback_document, stage_document, stage_of, \
-    without_audiences
+from grayagent.rollout.document import (
+    Stage,
+    canary_weight,
+    rollback_document,
+    stage_document,
+    stage_of,
+    without_audiences,
+)
 from grayagent.rollout.leadership import Leader
 from grayagent.rollout.record import RollbackTarget, RolloutRecord
 from grayagent.rules.model import Rollout

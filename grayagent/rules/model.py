@@ -19,7 +19,6 @@ from grayagent.rules.docschema import schema, schema_problems
 from grayagent.rules.modeldata import (
     API_VERSION,
     Analysis,
-    Audience,
     CidrCondition,
     Condition,
     Field,
@@ -37,7 +36,6 @@ from grayagent.rules.modeldata import (
     StringMatch,
     Upstream,
     ValueCondition,
-    audience_rule_name,
     iter_value_fields,
 )
 from grayagent.rules.semantics import (
@@ -55,7 +53,6 @@ __all__ = [
     "Rule", "Service", "Split", "StringMatch", "Upstream", "ValueCondition", "document_name", "format_path",
     "iter_value_fields", "link_local_url", "load_data", "parse_document", "parse_duration", "parse_listen",
     "parse_weight", "reserved_listen_problems", "schema",
-    "Audience", "audience_rule_name",
 ]
 
 

@@ -460,9 +460,11 @@ class RolloutChecker(_Reporter):
              canary: str, stable: str) -> None:
         """The ramp must be monotone: a user on the canary at one step stays on it at every later step.
 
-        nginx cuts a split into cumulative bucket ranges in listing order (routing.split_parts). Only the canary and
-        the stable upstream change weight, so the canary's range only grows, and nobody else moves, when the two
-        are neighbours with the canary first or last. Weights must not go down either.
+        nginx cuts a split into cumulative bucket ranges in listing order (routing.split_parts), and only the canary
+        and the stable upstream change weight. With the canary right before the stable upstream, the canary's
+        range keeps its start and its end only grows; last, right after it, its end is the top and its start only
+        falls. Any other order moves users between upstreams (the sum of floored boundaries also jitters by one
+        bucket, which only the canary-last order escapes at the canary's end). Weights must not go down either.
         """
         highest: tuple[int, int] | None = None
         for i, step in enumerate(raw["steps"]):
@@ -481,11 +483,12 @@ class RolloutChecker(_Reporter):
         if canary not in order or stable not in order or len(order) <= 2:
             return
         c, s = order.index(canary), order.index(stable)
-        if (c == 0 and s == 1) or (c == len(order) - 1 and s == c - 1):
+        if s == c + 1 or (c == len(order) - 1 and s == c - 1):
             return
         listed = [n for n, _ in split.weights]
         rest = [n for n in listed if n not in (canary, stable)]
         self.problem([*path[:-1], "split", "weights"],
                      f"the rollout cannot ramp {canary!r} in this order ({', '.join(listed)}): users would move "
-                     f"between upstreams as the weights change; list them as {', '.join([canary, stable, *rest])} "
-                     f"or {', '.join([*rest, stable, canary])}")
+                     f"between upstreams as the weights change; list {canary!r} right before {stable!r}, e.g. "
+                     f"{', '.join([*rest, canary, stable])}, or last right after it: "
+                     f"{', '.join([*rest, stable, canary])}")
