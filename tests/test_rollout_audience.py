@@ -30,6 +30,7 @@ from grayagent.stores.file import FileStore
 from tests.conftest import EXAMPLES
 from tests.docs import document, dump, service
 from tests.test_rollout_units import Clock, Scripted, crash_on_write
+from tests.test_rollout_units import setup as units_setup
 
 AUDIENCES = {"employees": {"headers": {"X-Employee": {"exact": "1"}}}, "vip": {"cookies": {"tier": {"exact": "vip"}}}}
 SPLIT = {"key": {"header": "X-User-Id"}, "weights": {"stable": 100, "canary": 0}}
@@ -190,13 +191,7 @@ def test_rollback_documents_take_the_audience_rules_out() -> None:
 
 
 def setup(tmp_path: Path, ro: dict[str, Any]) -> tuple[FileStore, Clock, Scripted, Controller]:
-    store = FileStore(str(tmp_path / "store"))
-    store.publish(doc(ro, rules=[FORCE_STABLE]), 0, "test", "")
-    clock, source = Clock(), Scripted()
-    ctl = Controller(store, interval=1, clock=clock, sources=lambda _: source)
-    assert ctl.lead()
-    rollout.start(store, "product", clock)
-    return store, clock, source, ctl
+    return units_setup(tmp_path, ro, doc(ro, rules=[FORCE_STABLE]))
 
 
 def live(store: FileStore) -> Stage:

@@ -278,9 +278,11 @@ def crash_on_write(store: FileStore, nth: int) -> None:
     store.write_record = write  # type: ignore[method-assign]
 
 
-def setup(tmp_path: Path, spec: dict[str, Any]) -> tuple[FileStore, Clock, Scripted, Controller]:
+def setup(tmp_path: Path, spec: dict[str, Any],
+          content: bytes | None = None) -> tuple[FileStore, Clock, Scripted, Controller]:
+    """A store holding `content` (default: a document with `spec` as its rollout), the rollout started."""
     store = FileStore(str(tmp_path / "store"))
-    store.publish(doc(spec), 0, "test", "")
+    store.publish(content or doc(spec), 0, "test", "")
     clock, source = Clock(), Scripted()
     ctl = Controller(store, interval=1, clock=clock, sources=lambda _: source)
     assert ctl.lead()

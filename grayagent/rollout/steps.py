@@ -39,8 +39,8 @@ def advance(rec: RolloutRecord, spec: Rollout, current: Stage, now: float) -> tu
         target = planned_stage(spec, stage, current.weight)
         if current != target:
             return stage, f"{label} {step.describe()}"
-        rec.weight, rec.audiences = target.weight, list(target.audiences)  # already there (before a crash, or
-        # published by a person)
+        # Already there: published before a crash, or by a person.
+        rec.weight, rec.audiences = target.weight, list(target.audiences)
     elif requests.pop("promote", None):
         rec.event(now, f"{label} ({step.describe()}) promoted")
     elif step.manual:
