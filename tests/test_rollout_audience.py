@@ -14,6 +14,7 @@ import jsonschema
 import pytest
 import yaml
 
+from grayagent.cli_rollout import format_rollout_status
 from grayagent.errors import InvalidDocument, UsageError
 from grayagent.rollout import usecases as rollout
 from grayagent.rollout.controller import Controller
@@ -24,6 +25,7 @@ from grayagent.rollout.document import (
     stage_of,
     without_audiences,
 )
+from grayagent.rollout.record import RolloutRecord
 from grayagent.rules.model import parse_document, schema
 from grayagent.rules.routing import Request, route
 from grayagent.stores.file import FileStore
@@ -216,6 +218,8 @@ def test_controller_publishes_each_stage_and_judges_an_audience_at_weight_0(tmp_
     ctl.tick()
     assert live(store) == Stage(500, ("employees", "vip"))
     assert rules_of(store.current().content)[0] == ("force-stable", "stable")  # type: ignore[union-attr]
+    status = format_rollout_status(RolloutRecord.from_json(store.read_record("product")[0]), clock.now)
+    assert "canary canary at 5% + audiences employees, vip" in status and "  ->  4. pause 1m" in status
     clock.now += 60
     ctl.tick()
     ctl.tick()
