@@ -14,6 +14,7 @@ from grayagent.cli_options import OUTPUT, emit, open_url, service_logging, store
 
 if TYPE_CHECKING:
     from grayagent.rollout.record import RolloutRecord
+    from grayagent.rollout.usecases import Plan
 
 
 @click.group(name="rollout")
@@ -134,7 +135,8 @@ def format_rollout_status(rec: RolloutRecord, now: float) -> str:
     """
     from grayagent.rollout.record import pct
 
-    head = [f"rollout {rec.service}: {rec.phase}", f"canary {rec.canary} at {pct(rec.weight)}",
+    head = [f"rollout {rec.service}: {rec.phase}", f"canary {rec.canary} at {pct(rec.weight)}"
+            + (f" + audiences {', '.join(rec.audiences)}" if rec.audiences else ""),
             f"failures {rec.failures}/{rec.failure_limit + 1}"]
     if rec.started_at is None:
         head.append("not started by a controller yet")
@@ -233,3 +235,50 @@ controller_help = {
 }
 for _action in controller_help:
     rollout_group.command(name=_action)(_rollout_request(_action))
+
+
+def format_plan(plan: Plan) -> str:
+    """The timeline of `rollout plan` as an aligned table, one line per step."""
+    from grayagent.rollout.record import pct
+
+    head = (f"rollout {plan.service}: canary {plan.canary!r}, stable {plan.stable!r}; the canary starts at "
+            f"{pct(plan.weight)}")
+    rows = [("step", "stage", "adds", "canary", "audiences", "pause", "checks")]
+    for s in plan.steps:
+        pause = "manual" if s.pause == "manual" else human_duration(s.pause) if isinstance(s.pause, float) else "-"
+        rows.append((str(s.step), str(s.stage) if s.stage is not None else "-", ", ".join(s.adds) or "-",
+                     pct(s.weight), ", ".join(s.audiences) or "-", pause,
+                     ", ".join(s.checks) or ("- (then the rollout has succeeded)" if s.last
+                                             else "- (the canary serves no one)" if not (s.weight or s.audiences)
+                                             else "-")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    right = (0, 1, 3)  # numbers align right
+    lines = ["  ".join(cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]) for i, cell in enumerate(r))
+             .rstrip() for r in rows]
+    return "\n".join([head, *lines])
+
+
+@rollout_group.command(name="plan")
+@click.argument("file")
+@click.argument("service")
+@click.option("--stage", type=int, default=None, metavar="K",
+              help="Print the complete document the K-th routing step publishes (1-based; pauses are not counted), "
+                   "as YAML (with -o json: as JSON).")
+@OUTPUT
+def rollout_plan(file: str, service: str, stage: int | None, output: str) -> None:
+    """The timeline of SERVICE's rollout in FILE: each step's audiences, canary weight, pause and checks.
+
+    Needs no store: review and diff every stage before `rollout start`.
+    """
+    import yaml
+
+    from grayagent.rollout import usecases as rollout
+    from grayagent.rules.model import load_data
+
+    if stage is not None:
+        data = load_data(rollout.plan_stage(file, service, stage), file)
+        click.echo(json.dumps(data, ensure_ascii=False, indent=1) if output == "json"
+                   else yaml.safe_dump(data, sort_keys=False, allow_unicode=True).rstrip("\n"))
+        return
+    plan = rollout.plan(file, service)
+    emit(output, plan.as_dict(), format_plan(plan))

@@ -82,12 +82,12 @@ def test_spec_problems_name_the_field() -> None:
         "d: spec.services[0].rollout: a rollout ramps the service's split; add a split whose weights name 'stable' "
         "and 'canary'"]
     assert problems(doc({"canary": "canary", "steps": [{"weight": 5.555}, {"weight": 95}]},
-                        {"weights": {"stable": 90, "canary": 0, "beta": 10}},
+                        {"weights": {"beta": 10, "stable": 90, "canary": 0}},
                         servers={"stable": ["h:1"], "canary": ["h:2"], "beta": ["h:3"]})) == [
         "d: spec.services[0].rollout.steps[0].weight: 5.555 has more than two decimals",
         "d: spec.services[0].rollout.steps[1].weight: 95% plus the other upstreams' 10% exceeds 100"]
     assert problems(doc({"canary": "canary", "steps": [{"weight": 5, "pause": "1s"}]})) == [
-        "d: spec.services[0].rollout.steps[0]: give exactly one of weight, pause; got weight, pause"]
+        "d: spec.services[0].rollout.steps[0]: a pause stands alone; got weight, pause"]
     assert problems(doc({"canary": "canary", "steps": [], "onFailure": "explode", "maxDuration": "1 day"}))
     assert problems(doc({"canary": "canary", "steps": [{"weight": 5}],
                          "analysis": {"interval": "1s", "maxErrorRateFactor": 2}})) == [
@@ -133,7 +133,7 @@ def test_set_canary_weight_changes_only_the_weights() -> None:
     yaml_doc = (b"apiVersion: grayagent/v1\nkind: GrayRelease\nmetadata: {name: shop}\nspec:\n  services:\n"
                 b"  - name: product\n    listen: 8080\n    upstreams: {stable: {servers: ['h:1']}, canary: {servers: "
                 b"['h:2']}, beta: {servers: ['h:3']}}\n    default: stable\n    split: {key: {header: X-U}, "
-                b"weights: {stable: 90, beta: 10, canary: 0}}\n"
+                b"weights: {beta: 10, stable: 90, canary: 0}}\n"
                 b"    rollout: {canary: canary, steps: [{weight: 12.34}]}\n")
     out = set_canary_weight(yaml_doc, "d", "product", "canary", "stable", 1234)
     before, after = parse_document(yaml_doc, "d").services[0], parse_document(out, "d").services[0]
@@ -278,9 +278,11 @@ def crash_on_write(store: FileStore, nth: int) -> None:
     store.write_record = write  # type: ignore[method-assign]
 
 
-def setup(tmp_path: Path, spec: dict[str, Any]) -> tuple[FileStore, Clock, Scripted, Controller]:
+def setup(tmp_path: Path, spec: dict[str, Any],
+          content: bytes | None = None) -> tuple[FileStore, Clock, Scripted, Controller]:
+    """A store holding `content` (default: a document with `spec` as its rollout), the rollout started."""
     store = FileStore(str(tmp_path / "store"))
-    store.publish(doc(spec), 0, "test", "")
+    store.publish(content or doc(spec), 0, "test", "")
     clock, source = Clock(), Scripted()
     ctl = Controller(store, interval=1, clock=clock, sources=lambda _: source)
     assert ctl.lead()

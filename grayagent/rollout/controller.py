@@ -11,8 +11,8 @@ compare-and-set, so
 The parts: `judging` runs the analysis, `steps` moves through the steps, `publishing` publishes steps and
 rollbacks. Each move is a published version by `rollout-controller` whose message names the step, so history
 shows the whole ramp and any step can be reverted with `grayagent revert`. Publishing is idempotent: the
-controller first compares the document's weight with the step's, so a controller that crashed between
-publishing and saving its record does not publish the same step twice.
+controller first compares the document's stage (the canary's weight and audience rules) with the step's, so a
+controller that crashed between publishing and saving its record does not publish the same step twice.
 """
 
 from __future__ import annotations
@@ -145,8 +145,7 @@ class Controller:
                 rec, spec, "rolled-back", f"analysis failed {rec.failures} times (failureLimit {spec.failure_limit})",
                 now)
         else:
-            weight = self.publisher.current_weight(current, service, spec.canary)
-            publish = steps.advance(rec, spec, weight, now)
+            publish = steps.advance(rec, spec, self.publisher.current_stage(current, service), now)
         if rec.phase == "rolling-back":
             revision = self._write(rec, revision)  # the decision first: a crash cannot lose it
             self.publisher.complete_rollback(rec, revision, current, now, fenced=True)

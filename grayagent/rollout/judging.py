@@ -11,7 +11,7 @@ from grayagent.rules.model import Rollout
 
 def analyse(rec: RolloutRecord, spec: Rollout, source: MetricsSource, now: float) -> bool:
     """Run the analysis when its interval has passed; False once failures exceed the limit."""
-    if spec.analysis is None or rec.weight <= 0:
+    if spec.analysis is None or (rec.weight <= 0 and not rec.audiences):  # the canary serves no one
         return True
     last = rec.last_analysis_at
     if last is not None and 0 <= now - last < spec.analysis.interval:  # a clock that went back: due

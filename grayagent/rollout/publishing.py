@@ -15,7 +15,14 @@ import structlog
 
 from grayagent.errors import GrayagentError
 from grayagent.rollout import steps
-from grayagent.rollout.document import canary_weight, set_canary_weight
+from grayagent.rollout.document import (
+    Stage,
+    canary_weight,
+    rollback_document,
+    stage_document,
+    stage_of,
+    without_audiences,
+)
 from grayagent.rollout.leadership import Leader
 from grayagent.rollout.record import RollbackTarget, RolloutRecord
 from grayagent.rules.model import Rollout
@@ -50,22 +57,24 @@ class Publisher:
     def _source(self, record: VersionRecord) -> str:
         return f"{self.store.url}#{record.version}"
 
-    def current_weight(self, current: VersionRecord, service: str, canary: str) -> int:
-        return canary_weight(current.content, self._source(current), service, canary)
+    def current_stage(self, current: VersionRecord, service: str) -> Stage:
+        return stage_of(current.content, self._source(current), service)
 
     def publish_step(self, rec: RolloutRecord, spec: Rollout, current: VersionRecord, publish: tuple[int, str],
                      now: float) -> None:
-        """Publish a weight step the record already committed to; a Conflict abandons the tick (not retried)."""
-        weight, message = publish
-        content = set_canary_weight(current.content, self._source(current), rec.service, spec.canary, spec.stable,
-                                    weight)
+        """Publish the stage document of a routing step the record already committed to; a Conflict abandons the
+        tick (not retried)."""
+        stage, message = publish
+        source = self._source(current)
+        content = stage_document(current.content, source, rec.service, stage)
+        reached = stage_of(content, source, rec.service)
         self.leader.guard()
         meta = self.store.publish(content, current.version, AUTHOR, message)
         rec.versions.append(meta.version)
         rec.event(now, f"{message}: version {meta.version}")
-        self.audit("rollout-step", service=rec.service, step=rec.step + 1, weight=weight, version=meta.version,
-                   message=message)
-        rec.weight = weight
+        self.audit("rollout-step", service=rec.service, step=rec.step + 1, weight=reached.weight,
+                   audiences=list(reached.audiences), version=meta.version, message=message)
+        rec.weight, rec.audiences = reached.weight, list(reached.audiences)
         steps.next_step(rec, spec, now)
 
     @staticmethod
@@ -83,8 +92,10 @@ class Publisher:
             if target.version is None:
                 raise KeyError("no version recorded")
             base = self.store.get(target.version)
-            return base.content, canary_weight(base.content, self._source(base), rec.service, target.canary), \
-                base.version
+            source = self._source(base)
+            # An earlier rollout may have left audience rules in it: a rollback sends them back to stable too.
+            return without_audiences(base.content, source, rec.service), \
+                canary_weight(base.content, source, rec.service, target.canary), base.version
         except (GrayagentError, KeyError, TypeError, ValueError) as exc:
             target.on_failure = "zero"
             rec.reason = (f"{rec.reason or ''}; cannot revert to version {target.version} ({_first_line(exc)}), "
@@ -112,10 +123,9 @@ class Publisher:
             message = f"{label}: revert to version {version}"
         else:
             message = f"{label}: canary weight 0%"
-            try:
-                if self.current_weight(current, service, target.canary) != 0:
-                    content = set_canary_weight(current.content, self._source(current), service, target.canary,
-                                                target.stable, 0)
+            try:  # weight 0 and no audience rules; None when the current version already is so
+                content = rollback_document(current.content, self._source(current), service, target.canary,
+                                            target.stable)
             except KeyError:  # the service is gone from the current version: no canary weight to take back
                 rec.event(now, f"rollout {service}: no service {service!r} in version {current.version}")
         if content is None or content == current.content:
@@ -132,6 +142,6 @@ class Publisher:
                        reason=rec.reason, message=message)
         rec.phase = target.phase
         rec.finished_at = now
-        rec.weight = weight
+        rec.weight, rec.audiences = weight, []
         log.warning("rollout rolled back", service=service, reason=rec.reason, on_failure=target.on_failure)
         self.write(rec, revision)

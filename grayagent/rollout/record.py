@@ -81,6 +81,7 @@ class RolloutRecord:
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as they were
     held: str | None = None           # the last "held by window until …" note (rollout/windows.py)
     forced: dict[str, Any] | None = None  # a start past a failed pre-flight: reason, failures, who, when
+    audiences: list[str] = field(default_factory=list)  # the audiences sent to the canary, in the order added
 
     @property
     def ended(self) -> bool:
@@ -118,6 +119,7 @@ class RolloutRecord:
             rec.rollback = RollbackTarget.from_json(data["rollback"], rec)
         rec.held = str(data["held"]) if data.get("held") is not None else None
         rec.forced = data["forced"] if isinstance(data.get("forced"), dict) else None
+        rec.audiences = [str(a) for a in data.get("audiences") or []]
         return rec
 
     def to_json(self) -> dict[str, Any]:
@@ -142,4 +144,6 @@ class RolloutRecord:
             out["held"] = self.held
         if self.forced is not None:
             out["forced"] = self.forced
+        if self.audiences:
+            out["audiences"] = list(self.audiences)
         return out

@@ -1,19 +1,21 @@
-"""The step state machine: pause and resume requests, weight steps, timed and manual pauses, success.
+"""The step state machine: pause and resume requests, routing steps, timed and manual pauses, success.
 
-Pure: it changes the record and says which weight to publish; the controller records and publishes.
+Pure: it changes the record and says which stage to publish; the controller records and publishes.
+A routing step (a weight, an audience, or both) publishes the stage document (grayagent/rollout/document.py).
 """
 
 from __future__ import annotations
 
+from grayagent.rollout.document import Stage, planned_stage, stage_number
 from grayagent.rollout.record import RolloutRecord, pct
 from grayagent.rollout.windows import held
 from grayagent.rules.model import Rollout, RolloutStep
 
 
-def advance(rec: RolloutRecord, spec: Rollout, current_weight: int, now: float) -> tuple[int, str] | None:
-    """Move through the steps; (weight, message) when a weight step needs a publish (after the record write).
+def advance(rec: RolloutRecord, spec: Rollout, current: Stage, now: float) -> tuple[int, str] | None:
+    """Move through the steps; (stage, message) when a routing step needs a publish (after the record write).
 
-    `current_weight` is the canary's weight in the current version.
+    `current` is the stage of the current version: the canary's weight and the audience rules it holds.
     """
     service, requests = rec.service, rec.requests
     if requests.get("pause") and not requests.get("promote"):
@@ -32,13 +34,16 @@ def advance(rec: RolloutRecord, spec: Rollout, current_weight: int, now: float) 
         return None
     step: RolloutStep = spec.steps[index]
     label = f"rollout {service}: step {index + 1}/{len(spec.steps)}"
-    if step.weight is not None:
+    if step.routing:
         if held(rec, spec.windows, now):
             return None  # outside the release windows (rollout/windows.py)
         # A pending promote is kept for the next pause: it was meant for a gate, not for this step.
-        if current_weight != step.weight:
-            return step.weight, f"{label} weight {pct(step.weight)}"
-        rec.weight = step.weight  # already there (published before a crash, or by a person)
+        stage = stage_number(spec, index)
+        target = planned_stage(spec, stage, current.weight)
+        if current != target:
+            return stage, f"{label} {step.describe()}"
+        # Already there: published before a crash, or by a person.
+        rec.weight, rec.audiences = target.weight, list(target.audiences)
     elif requests.get("promote"):
         if held(rec, spec.windows, now):
             return None  # a promote outside the windows waits for the next opening

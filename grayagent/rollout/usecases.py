@@ -1,20 +1,30 @@
-"""The use cases behind `grayagent rollout start|status|pause|resume|promote|abort`.
+"""The use cases behind `grayagent rollout start|status|pause|resume|promote|abort|plan`.
 
 They only read the current document and read or write rollout records (compare-and-set); the leading
-controller acts on what they record at its next tick.
+controller acts on what they record at its next tick. `plan` reads a document file and needs no store.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from grayagent.errors import GrayagentError, UsageError
+from grayagent.errors import GrayagentError, InvalidDocument, Problem, UsageError
 from grayagent.rollout import windows
-from grayagent.rollout.document import canary_weight
+from grayagent.rollout.document import (
+    canary_weight,
+    current_stage,
+    percent,
+    planned_stage,
+    routing_steps,
+    stage_document,
+    stage_number,
+)
 from grayagent.rollout.record import RolloutRecord
-from grayagent.rules.model import Rollout, parse_document
+from grayagent.rules.model import Rollout, Service, parse_document
 from grayagent.stores.base import RecordConflict, RolloutState, Store, VersionRecord
 
 if TYPE_CHECKING:
@@ -188,3 +198,105 @@ def status_stream(store: Store, service: str | None, watch: bool,
         if not watch or all(r.ended for r in records):
             return
         time.sleep(every)
+
+
+# ---------------------------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True, slots=True)
+class PlanStep:
+    """One step of `grayagent rollout plan`: what it adds, where the canary stands after it, what gates it."""
+
+    step: int                     # 1-based, as `rollout status` numbers them
+    stage: int | None             # the routing step (`plan --stage K`); None for a pause
+    adds: tuple[str, ...]         # audiences this step adds
+    weight: int                   # the canary's weight after it, hundredths
+    audiences: tuple[str, ...]    # every audience on the canary after it
+    pause: float | str | None     # seconds, "manual", or None
+    checks: tuple[str, ...]       # judged while the rollout is at this step and the canary serves traffic
+    last: bool = False            # the rollout succeeds once this step has run: nothing is judged after it
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "stage": self.stage, "adds": list(self.adds), "weight": percent(self.weight),
+                "audiences": list(self.audiences), "pause": self.pause, "checks": list(self.checks),
+                "last": self.last}
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    service: str
+    canary: str
+    stable: str
+    weight: int                   # the canary's weight in the document, before any step
+    steps: tuple[PlanStep, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"service": self.service, "canary": self.canary, "stable": self.stable, "weight": percent(self.weight),
+                "steps": [s.as_dict() for s in self.steps]}
+
+
+def check_descriptions(spec: Rollout) -> tuple[str, ...]:
+    """The checks that judge the canary at every step while it serves traffic, as people read them."""
+    analysis = spec.analysis
+    if analysis is None:
+        return ()
+    out = []
+    if analysis.max_error_rate is not None:
+        out.append(f"5xx rate <= {analysis.max_error_rate * 100:g}%")
+    if analysis.max_p99_latency_ms is not None:
+        out.append(f"p99 <= {analysis.max_p99_latency_ms:g}ms")
+    if analysis.max_error_rate_factor is not None:
+        out.append(f"5xx rate <= {analysis.max_error_rate_factor:g}x stable")
+    if analysis.max_p99_latency_factor is not None:
+        out.append(f"p99 <= {analysis.max_p99_latency_factor:g}x stable")
+    return tuple(out)
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidDocument([Problem(path, "", exc.strerror or str(exc))]) from None
+
+
+def _plan_service(path: str, service: str) -> tuple[bytes, Service]:
+    content = _read(path)
+    release = parse_document(content, path)
+    names = [s.name for s in release.services]
+    if service not in names:
+        raise UsageError(f"{path}: spec.services: no service {service!r} (services: {', '.join(names)})")
+    svc = release.service(service)
+    if svc.rollout is None:
+        raise UsageError(f"{path}: spec.services[{names.index(service)}].rollout: service {service!r} has no "
+                         "rollout section")
+    return content, svc
+
+
+def plan(path: str, service: str) -> Plan:
+    """The timeline of SERVICE's rollout in the document FILE, step by step, without a store."""
+    _, svc = _plan_service(path, service)
+    spec = svc.rollout
+    assert spec is not None
+    own = current_stage(svc).weight
+    checks = check_descriptions(spec)
+    out = []
+    for i, step in enumerate(spec.steps):
+        stage = stage_number(spec, i)
+        after = planned_stage(spec, stage, own)
+        judged = (after.weight > 0 or bool(after.audiences)) and i < len(spec.steps) - 1
+        out.append(PlanStep(i + 1, stage if step.routing else None,
+                            (step.audience,) if step.audience is not None else (), after.weight, after.audiences,
+                            "manual" if step.manual else step.pause, checks if judged else (),
+                            i == len(spec.steps) - 1))
+    return Plan(service, spec.canary, spec.stable, own, tuple(out))
+
+
+def plan_stage(path: str, service: str, stage: int) -> bytes:
+    """The complete document the `stage`-th routing step publishes (1-based; pauses are not counted)."""
+    content, svc = _plan_service(path, service)
+    assert svc.rollout is not None
+    count = len(routing_steps(svc.rollout))
+    if not 1 <= stage <= count:
+        raise UsageError(f"--stage: {stage} is out of range: the rollout of {service!r} has {count} routing steps, "
+                         f"so give 1 to {count} (pauses are not counted)")
+    return stage_document(content, path, service, stage)

@@ -104,11 +104,20 @@ class RolloutStep:
     weight: int | None = None
     pause: float | None = None
     manual: bool = False
+    audience: str | None = None            # adds this audience's rule (rollout.audiences) ahead of the split
 
     def describe(self) -> str:
+        if self.audience is not None:
+            return f"audience {self.audience}" + (f", weight {Decimal(self.weight) / 100:g}%"
+                                                  if self.weight is not None else "")
         if self.weight is not None:
             return f"weight {Decimal(self.weight) / 100:g}%"
         return "pause until promoted" if self.manual else f"pause {self.pause:g}s"
+
+    @property
+    def routing(self) -> bool:
+        """A step that publishes a stage document (a weight, an audience or both); pauses do not."""
+        return self.weight is not None or self.audience is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +141,23 @@ class Analysis:
 
 
 @dataclass(frozen=True, slots=True)
+class Audience:
+    """A named set of conditions (a rule's match) that a rollout step sends to the canary ahead of the split."""
+
+    name: str
+    conditions: tuple[Condition, ...]
+
+    @property
+    def rule_name(self) -> str:
+        return audience_rule_name(self.name)
+
+
+def audience_rule_name(audience: str) -> str:
+    """The name of the rule a rollout adds for an audience (grayagent/rollout/document.py)."""
+    return f"audience-{audience}"
+
+
+@dataclass(frozen=True, slots=True)
 class Rollout:
     """How `grayagent rollout` ramps one service's split; agents ignore it."""
 
@@ -143,6 +169,7 @@ class Rollout:
     max_duration: float | None = None      # seconds
     on_failure: Literal["revert", "zero"] = "revert"
     windows: ReleaseWindows | None = None  # when the steps may advance (grayagent/rollout/windows.py)
+    audiences: tuple[Audience, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

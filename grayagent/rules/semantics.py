@@ -9,6 +9,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, cast
 
 from grayagent.errors import Problem
+from grayagent.rules.audiencecheck import AudienceChecker
 from grayagent.rules.docload import format_path
 from grayagent.rules.idlists import check_lists
 from grayagent.rules.modeldata import (
@@ -261,6 +262,7 @@ class ReleaseChecker(_Reporter):
         super().__init__(source, [])
         self.matches = MatchChecker(source, self.problems)
         self.rollouts = RolloutChecker(source, self.problems)
+        self.rollouts.matches = self.matches  # audiences are matches, checked as rules are
 
     def split(self, raw: dict[str, Any], path: list[str | int], service: str, upstreams: set[str]) -> Split:
         key: Field | None = None
@@ -334,7 +336,8 @@ class ReleaseChecker(_Reporter):
         split = self.split(raw["split"], [*path, "split"], raw["name"], names) if "split" in raw else None
         rollout = None
         if "rollout" in raw:
-            rollout = self.rollouts.rollout(raw["rollout"], [*path, "rollout"], raw["default"], names, split)
+            rollout = self.rollouts.rollout(raw["rollout"], [*path, "rollout"], raw["default"], names, split,
+                                            tuple(rules))
         return Service(raw["name"], listen, tuple(h.lower() for h in raw.get("hosts", [])), upstreams,
                        raw["default"], tuple(rules), split, rollout)
 
@@ -367,8 +370,10 @@ class ReleaseChecker(_Reporter):
 class RolloutChecker(_Reporter):
     """A service's rollout section: steps against the split, and the analysis thresholds."""
 
+    matches: MatchChecker
+
     def rollout(self, raw: dict[str, Any], path: list[str | int], default: str, upstreams: set[str],
-                split: Split | None) -> Rollout:
+                split: Split | None, rules: tuple[Rule, ...] = ()) -> Rollout:
         canary, stable = raw["canary"], raw.get("stable", default)
         for key, name in (("canary", canary), ("stable", stable)):
             if name not in upstreams:
@@ -388,15 +393,18 @@ class RolloutChecker(_Reporter):
             others = sum(w for n, w in split.weights if n not in (stable, canary))
         steps: list[RolloutStep] = []
         for i, step in enumerate(raw["steps"]):
-            if "weight" in step:
-                hundredths = parse_weight(step["weight"])
-                if hundredths is None:
+            if "pause" in step and len(step) > 1:
+                self.problem([*path, "steps", i], f"a pause stands alone; got {', '.join(step)}")
+                continue
+            if "weight" in step or "audience" in step:
+                hundredths = parse_weight(step["weight"]) if "weight" in step else None
+                if "weight" in step and hundredths is None:
                     self.problem([*path, "steps", i, "weight"], f"{step['weight']} has more than two decimals")
                     continue
-                if hundredths + others > 10000:
+                if hundredths is not None and hundredths + others > 10000:
                     self.problem([*path, "steps", i, "weight"],
                                  f"{step['weight']}% plus the other upstreams' {Decimal(others) / 100}% exceeds 100")
-                steps.append(RolloutStep(weight=hundredths))
+                steps.append(RolloutStep(weight=hundredths, audience=step.get("audience")))
             elif step["pause"] == "manual":
                 steps.append(RolloutStep(manual=True))
             else:
@@ -404,8 +412,11 @@ class RolloutChecker(_Reporter):
         analysis = self.analysis(raw["analysis"], [*path, "analysis"]) if "analysis" in raw else None
         max_duration = parse_duration(raw["maxDuration"]) if "maxDuration" in raw else None
         windows = parse_windows(raw["windows"], [*path, "windows"], self.problem) if "windows" in raw else None
+        checks = AudienceChecker(self.source, self.problems, self.matches)
+        audiences = checks.audiences(raw, path, canary, rules)
+        checks.ramp(raw, path, steps, split, canary, stable)
         return Rollout(canary, stable, tuple(steps), analysis, int(raw.get("failureLimit", 0)), max_duration,
-                       raw.get("onFailure", "revert"), windows=windows)
+                       raw.get("onFailure", "revert"), windows=windows, audiences=audiences)
 
     def analysis(self, raw: dict[str, Any], path: list[str | int]) -> Analysis:
         interval = parse_duration(raw["interval"])
