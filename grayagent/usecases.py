@@ -14,7 +14,7 @@ from typing import Any
 from grayagent.errors import InvalidDocument, Problem, UsageError
 from grayagent.fsutil import atomic_write
 from grayagent.rules.docload import loads_json
-from grayagent.rules.idlists import embed_list_files
+from grayagent.rules.idlists import read_document as read_file
 from grayagent.rules.model import Release, parse_document
 from grayagent.rules.routing import Decision, Request, route
 from grayagent.runtime import audit
@@ -25,16 +25,6 @@ from grayagent.stores import Store
 from grayagent.stores.base import VersionMeta, VersionRecord
 from grayagent.stores.chain import ChainBreak, require_intact, verify_chain
 from grayagent.targets.base import Target
-
-
-def read_file(path: str) -> bytes:
-    """A rule document from the operator's disk, with its `file:` ID lists read (relative to the document's
-    directory) and embedded as `values`: what is validated, routed and published is self-contained."""
-    try:
-        content = Path(path).read_bytes()
-    except OSError as exc:
-        raise InvalidDocument([Problem(path, "", exc.strerror or str(exc))]) from None
-    return embed_list_files(content, path, lambda name: (Path(path).parent / name).read_bytes())
 
 
 def validate_files(paths: Iterable[str]) -> list[Problem]:

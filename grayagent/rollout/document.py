@@ -9,14 +9,12 @@ of every audience added so far, appended after the service's own rules in the or
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-import yaml
-
 from grayagent.errors import UsageError
+from grayagent.rules.docload import dump_like
 from grayagent.rules.model import Rollout, Service, load_data, parse_document, parse_weight
 from grayagent.rules.modeldata import audience_rule_name
 
@@ -106,10 +104,7 @@ def _set_audiences(svc: dict[str, Any], canary: str, audiences: tuple[str, ...])
 
 def _dump(data: Any, content: bytes, source: str) -> bytes:
     """YAML comes back as YAML (comments are not kept), JSON as JSON; the result is validated."""
-    if content.lstrip().startswith(b"{"):
-        out = json.dumps(data, ensure_ascii=False, indent=1).encode("utf-8")
-    else:
-        out = yaml.safe_dump(data, sort_keys=False, allow_unicode=True).encode("utf-8")
+    out = dump_like(data, content)
     parse_document(out, source)
     return out
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from grayagent.errors import GrayagentError, InvalidDocument, Problem, UsageError
+from grayagent.errors import GrayagentError, UsageError
 from grayagent.rollout import windows
 from grayagent.rollout.document import (
     canary_weight,
@@ -24,6 +23,7 @@ from grayagent.rollout.document import (
     stage_number,
 )
 from grayagent.rollout.record import RolloutRecord
+from grayagent.rules.idlists import read_document
 from grayagent.rules.model import Rollout, Service, parse_document
 from grayagent.stores.base import RecordConflict, RolloutState, Store, VersionRecord
 
@@ -252,15 +252,8 @@ def check_descriptions(spec: Rollout) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _read(path: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise InvalidDocument([Problem(path, "", exc.strerror or str(exc))]) from None
-
-
 def _plan_service(path: str, service: str) -> tuple[bytes, Service]:
-    content = _read(path)
+    content = read_document(path)
     release = parse_document(content, path)
     names = [s.name for s in release.services]
     if service not in names:

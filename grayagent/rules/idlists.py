@@ -8,22 +8,19 @@ validate, publish or route --file load a document from disk, and rewrites the do
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
-import yaml
-
 from grayagent.errors import InvalidDocument, Problem
-from grayagent.rules.docload import format_path, load_data
+from grayagent.rules.docload import dump_like, format_path, load_data
 from grayagent.rules.modeldata import IdList
 
 MAX_LIST_IDS = 1_000_000   # IDs in all lists of one document
 MAX_ID_BYTES = 256
 # C0, DEL and C1: no request field carries them, and list files and the Lua serialisation use "\n" as separator.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_Dumper: type[Any] = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 def id_problem(value: str) -> str | None:
@@ -176,8 +173,14 @@ def embed_list_files(content: bytes, source: str, read: Callable[[str], bytes]) 
         entry["values"] = ids
     if problems:
         raise InvalidDocument(problems)
-    if content.lstrip().startswith(b"{"):
-        return json.dumps(data, ensure_ascii=False, indent=1).encode("utf-8")
-    dumped: str = yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True, default_flow_style=None,
-                            width=120)
-    return dumped.encode("utf-8")
+    return dump_like(data, content)
+
+
+def read_document(path: str) -> bytes:
+    """A rule document from the operator's disk, with its `file:` ID lists read (relative to the document's
+    directory) and embedded as `values`: what is validated, routed, planned and published is self-contained."""
+    try:
+        content = Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidDocument([Problem(path, "", exc.strerror or str(exc))]) from None
+    return embed_list_files(content, path, lambda name: (Path(path).parent / name).read_bytes())
